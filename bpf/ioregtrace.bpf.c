@@ -1,0 +1,721 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ioregtrace: classify every guest MMIO/PIO access by the path kvm.ko used to
+ * dispatch it, and count and time it in the kernel.  Nothing is copied to
+ * user space per event: the agent reads the maps below.
+ *
+ * Facts this program is built on (virt/kvm, arch/x86/kvm/x86.c):
+ *  - An MMIO write emits kvm_mmio(WRITE) before dispatch, in-kernel or not.
+ *  - An MMIO read served in the kernel emits kvm_mmio(READ).  A read sent to
+ *    userspace emits kvm_mmio(READ_UNSATISFIED), and kvm_mmio(READ) again when
+ *    KVM_RUN is re-entered with the data (that second event is a completion,
+ *    not a new access).
+ *  - A PIO OUT emits kvm_pio before dispatch.  A PIO IN emits kvm_pio only
+ *    once it has data: at once when the kernel served it, or on re-entry
+ *    when userspace did.
+ *  - Every return from KVM_RUN emits kvm_userspace_exit(reason, errno).
+ * So each vCPU thread carries one "pending" access: if the next thing that
+ * thread does is an MMIO/IO exit, the access went to userspace; otherwise
+ * kvm.ko served it, and the registrations seen in the VM's ioctls
+ * (ioeventfds, coalesced zones) say which handler did.
+ *
+ * Compile-time constants (SPACE_*, OP_*, PATH_*, KVM_*, HIST_*, map sizes)
+ * come from the Python loader, generated from ioregtrace/keys.py,
+ * ioregtrace/kvmapi.py and ioregtrace/histogram.py.
+ */
+
+#define KVM_TRACE_MMIO_READ_UNSATISFIED 0
+#define KVM_TRACE_MMIO_READ 1
+#define KVM_TRACE_MMIO_WRITE 2
+
+/* Indices of the counters map. */
+#define CNT_DROPPED_ACCESSES 0  /* accesses not counted: accesses map full */
+#define CNT_DROPPED_LATENCY 1   /* latency samples lost: latency map full */
+#define CNT_LOST_EVENTS 2       /* events not processed: no per-thread state */
+#define CNT_ATTACH_AMBIGUOUS 3  /* reads right after an unseen exit, at attach */
+#define CNT_UNMATCHED_EXITS 4   /* MMIO exits with no traced access before them */
+#define CNT_DROPPED_REGS 5      /* registrations that did not fit the tables */
+#define CNT_DROPPED_VMS 6       /* VMM processes that did not fit the vms map */
+#define NR_COUNTERS 8
+
+struct access_key {
+	u32 pid;        /* tgid of the VMM process */
+	u32 vm;         /* serial of that process in vms: pid reuse never merges */
+	u64 addr;       /* guest physical address or port */
+	u8 space;       /* SPACE_MMIO / SPACE_PIO */
+	u8 op;          /* OP_READ / OP_WRITE */
+	u8 path;        /* PATH_* */
+	u8 size;        /* bytes per access */
+	u32 pad;
+};
+
+struct latency {
+	u64 count;
+	u64 sum_ns;
+	u64 max_ns;
+	/* HIST_SLOTS used; sized to a power of two so that a masked index
+	 * is provably inside the array for the verifier. */
+	u64 slots[HIST_ARRAY];
+};
+
+struct vm_info {
+	u32 serial;
+	u32 complete;   /* KVM_CREATE_VM was seen: every registration is known */
+	char comm[16];
+};
+
+struct reg_key {        /* one guest address of one VM on one bus */
+	u32 pid;
+	u32 vm;
+	u64 addr;
+	u64 space;
+};
+
+struct ioeventfd_slot {
+	u64 datamatch;
+	u32 len;        /* 0: any access length */
+	u8 used;
+	u8 wildcard;    /* no KVM_IOEVENTFD_FLAG_DATAMATCH */
+	u16 pad;
+};
+
+struct ioeventfd_set {
+	struct ioeventfd_slot slot[IOEVENTFD_SLOTS];
+};
+
+struct vm_key {
+	u32 pid;
+	u32 vm;
+};
+
+struct zone {
+	u64 addr;
+	u32 size;
+	u8 pio;
+	u8 used;
+	u16 pad;
+};
+
+struct zone_set {
+	struct zone zone[ZONE_SLOTS];
+};
+
+/* struct kvm_ioeventfd and struct kvm_coalesced_mmio_zone (uapi) */
+struct ioctl_ioeventfd {
+	u64 datamatch;
+	u64 addr;
+	u32 len;
+	s32 fd;
+	u32 flags;
+};
+
+struct ioctl_zone {
+	u64 addr;
+	u32 size;
+	u32 pio;
+};
+
+/* Per-thread state.  Lives in task storage: freed with the thread. */
+struct thread_state {
+	u32 vm;
+	u8 traced;
+	u8 complete;            /* copy of vm_info.complete */
+	u8 synced;              /* saw an exit of this thread, or complete */
+	u8 fresh_entry;         /* no kvm event yet since the last KVM_RUN entry */
+
+	u8 pending;             /* pend_key holds an access awaiting its path */
+	u8 exit_kind;           /* EXIT_* below */
+	u8 await_mmio_read;     /* next kvm_mmio READ at await_addr is a completion */
+	u8 await_pio_in;        /* next kvm_pio IN is the userspace IN that exited */
+	u32 pend_count;
+	struct access_key pend_key;     /* path = the in-kernel candidate */
+
+	u64 exit_ts;
+	struct access_key exit_key;
+	u64 await_addr;
+	u64 pio_in_ns;          /* latency of the IN that exited, known at re-entry */
+
+	/* one-entry classification cache (doorbell loops hit it) */
+	u64 cache_addr;
+	u64 cache_val;
+	u32 cache_gen;
+	u8 cache_space;
+	u8 cache_size;
+	u8 cache_path;
+	u8 cache_by_value;      /* the answer depends on the written value */
+
+	/* a registration ioctl between sys_enter and sys_exit */
+	u32 ioctl_cmd;
+	union {
+		struct ioctl_ioeventfd ioeventfd;
+		struct ioctl_zone zone;
+	} ioctl_arg;
+};
+
+#define EXIT_NONE 0
+#define EXIT_KEYED 1            /* exit_key is the access; time to next KVM_RUN */
+#define EXIT_PIO_IN 2           /* IN went out; its key arrives with kvm_pio */
+
+BPF_TASK_STORAGE(threads, struct thread_state);
+BPF_HASH(accesses, struct access_key, u64, MAX_ACCESS_KEYS);
+BPF_HASH(latencies, struct access_key, struct latency, MAX_LATENCY_KEYS);
+/* Zeroed templates for new map values: too big for the 512-byte stack. */
+BPF_PERCPU_ARRAY(latency_zero, struct latency, 1);
+BPF_PERCPU_ARRAY(ioeventfd_zero, struct ioeventfd_set, 1);
+BPF_PERCPU_ARRAY(zone_zero, struct zone_set, 1);
+BPF_HASH(vms, u32, struct vm_info, MAX_VMS);
+BPF_HASH(targets, u32, u8, MAX_TARGETS);       /* tgids to trace when filtering */
+BPF_HASH(ioeventfds, struct reg_key, struct ioeventfd_set, MAX_IOEVENTFD_ADDRS);
+BPF_HASH(zones, struct vm_key, struct zone_set, MAX_VMS);
+BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
+/* [0] filter on: only tgids in targets; [1] registration generation;
+ * [2] next vm serial */
+BPF_ARRAY(config, u64, 4);
+#define CFG_FILTER 0
+#define CFG_REG_GEN 1
+#define CFG_VM_SERIAL 2
+
+static __always_inline void bump(int idx, u64 n)
+{
+	u64 *c = counters.lookup(&idx);
+	if (c)
+		*c += n;
+}
+
+static __always_inline u64 cfg(int idx)
+{
+	u64 *v = config.lookup(&idx);
+	return v ? *v : 0;
+}
+
+static __always_inline struct vm_info *vm_of(u32 pid)
+{
+	struct vm_info *vi = vms.lookup(&pid);
+	if (vi)
+		return vi;
+	struct vm_info fresh = {};
+	int idx = CFG_VM_SERIAL;
+	u64 *serial = config.lookup(&idx);
+	if (!serial)
+		return 0;
+	fresh.serial = __sync_fetch_and_add(serial, 1) + 1;
+	bpf_get_current_comm(&fresh.comm, sizeof(fresh.comm));
+	vms.insert(&pid, &fresh);
+	vi = vms.lookup(&pid);
+	if (!vi)
+		bump(CNT_DROPPED_VMS, 1);
+	return vi;
+}
+
+/* Re-read what the thread caches about its process: at creation, and at
+ * every KVM_RUN entry (cheap there, and filters or registrations may have
+ * changed).  The in-kernel hot path then needs no lookups for it. */
+static __always_inline void refresh(struct thread_state *s, u32 pid)
+{
+	if (cfg(CFG_FILTER) && !targets.lookup(&pid)) {
+		s->traced = 0;
+		return;
+	}
+	struct vm_info *vi = vm_of(pid);
+	if (!vi) {
+		s->traced = 0;
+		return;
+	}
+	s->traced = 1;
+	if (s->vm != vi->serial)
+		s->cache_gen = 0;
+	s->vm = vi->serial;
+	s->complete = vi->complete;
+	if (vi->complete)
+		s->synced = 1;
+}
+
+static __always_inline struct thread_state *thread(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct thread_state *s = threads.task_storage_get(task, 0, 0);
+	if (s)
+		return s;
+	s = threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!s) {
+		bump(CNT_LOST_EVENTS, 1);
+		return 0;
+	}
+	/* A thread first seen mid-KVM_RUN may be finishing an exit we never
+	 * saw: fresh_entry makes its first read suspect (see on_read). */
+	s->fresh_entry = 1;
+	refresh(s, bpf_get_current_pid_tgid() >> 32);
+	return s;
+}
+
+static __always_inline void count_access(struct access_key *k, u64 n)
+{
+	u64 zero = 0;
+	u64 *v = accesses.lookup_or_try_init(k, &zero);
+	if (v)
+		__sync_fetch_and_add(v, n);
+	else
+		bump(CNT_DROPPED_ACCESSES, n);
+}
+
+static __always_inline u32 hist_slot(u64 ns)
+{
+	if (ns < (1ULL << HIST_LOW_SHIFT))
+		return ns >> (HIST_LOW_SHIFT - HIST_SUB_BITS);
+	u32 e = bpf_log2l(ns);
+	if (e > HIST_HIGH_SHIFT)
+		return HIST_SLOTS - 1;
+	u32 sub = (ns >> (e - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1);
+	return ((e - HIST_LOW_SHIFT + 1) << HIST_SUB_BITS) + sub;
+}
+
+static __always_inline void record_latency(struct access_key *k, u64 ns)
+{
+	int zero_idx = 0;
+	struct latency *zero = latency_zero.lookup(&zero_idx);
+	if (!zero)
+		return;
+	struct latency *l = latencies.lookup_or_try_init(k, zero);
+	if (!l) {
+		bump(CNT_DROPPED_LATENCY, 1);
+		return;
+	}
+	__sync_fetch_and_add(&l->count, 1);
+	__sync_fetch_and_add(&l->sum_ns, ns);
+	u32 slot = hist_slot(ns);
+	__sync_fetch_and_add(&l->slots[slot & (HIST_ARRAY - 1)], 1);
+	/* Exact max under concurrent vCPUs: retry while someone else raised it. */
+	u64 old = l->max_ns;
+#pragma unroll
+	for (int i = 0; i < 4 && old < ns; i++) {
+		u64 seen = __sync_val_compare_and_swap(&l->max_ns, old, ns);
+		if (seen == old)
+			break;
+		old = seen;
+	}
+}
+
+/* Which in-kernel handler serves a write, by the registrations this VM made
+ * (the first match in kvm_io_bus order: ioeventfd before coalesced). */
+static __always_inline u8 classify_write(struct thread_state *s, u32 pid, u8 space,
+					 u64 addr, u32 size, u64 val)
+{
+	u32 gen = cfg(CFG_REG_GEN);
+	if (s->cache_gen == gen && s->cache_addr == addr && s->cache_space == space &&
+	    s->cache_size == size && (!s->cache_by_value || s->cache_val == val))
+		return s->cache_path;
+
+	u8 path = s->complete ? PATH_KERNEL : PATH_UNATTRIBUTED;
+	u8 by_value = 0;
+	struct reg_key rk = {.pid = pid, .vm = s->vm, .addr = addr, .space = space};
+	struct ioeventfd_set *set = ioeventfds.lookup(&rk);
+	if (set) {
+#pragma unroll
+		for (int i = 0; i < IOEVENTFD_SLOTS; i++) {
+			struct ioeventfd_slot *e = &set->slot[i];
+			if (!e->used || (e->len && e->len != size))
+				continue;
+			if (e->len && !e->wildcard) {
+				by_value = 1;
+				if (e->datamatch != val)
+					continue;
+			}
+			path = PATH_IOEVENTFD;
+			break;
+		}
+	}
+	if (path != PATH_IOEVENTFD) {
+		struct vm_key vk = {.pid = pid, .vm = s->vm};
+		struct zone_set *zs = zones.lookup(&vk);
+		if (zs) {
+#pragma unroll
+			for (int i = 0; i < ZONE_SLOTS; i++) {
+				struct zone *z = &zs->zone[i];
+				if (z->used && z->pio == space && addr >= z->addr &&
+				    addr + size <= z->addr + z->size) {
+					path = PATH_COALESCED;
+					break;
+				}
+			}
+		}
+	}
+	s->cache_gen = gen;
+	s->cache_addr = addr;
+	s->cache_val = val;
+	s->cache_space = space;
+	s->cache_size = size;
+	s->cache_path = path;
+	s->cache_by_value = by_value;
+	return path;
+}
+
+/* The pending access was not followed by its exit: kvm.ko served it. */
+static __always_inline void settle_in_kernel(struct thread_state *s)
+{
+	if (!s->pending)
+		return;
+	s->pending = 0;
+	count_access(&s->pend_key, s->pend_count);
+}
+
+static __always_inline void set_pending(struct thread_state *s, u32 pid, u8 space,
+					u64 addr, u32 size, u8 op, u8 path, u32 count)
+{
+	s->pending = 1;
+	s->pend_count = count;
+	s->pend_key.pid = pid;
+	s->pend_key.vm = s->vm;
+	s->pend_key.addr = addr;
+	s->pend_key.space = space;
+	s->pend_key.op = op;
+	s->pend_key.path = path;
+	s->pend_key.size = size;
+	s->pend_key.pad = 0;
+}
+
+static __always_inline void count_now(struct thread_state *s, u32 pid, u8 space,
+				      u64 addr, u32 size, u8 op, u8 path, u64 n)
+{
+	struct access_key k = {.pid = pid, .vm = s->vm, .addr = addr, .space = space,
+			       .op = op, .path = path, .size = size};
+	count_access(&k, n);
+}
+
+/* A read the kernel reports as done.  Returns 1 when it must not be counted
+ * as a kernel access. */
+static __always_inline int suspect_first_read(struct thread_state *s)
+{
+	if (!s->synced && s->fresh_entry) {
+		/* Attached while this thread was between an exit and its
+		 * re-entry: this may be the completion of a userspace read we
+		 * never saw leave, or a real kernel read.  Say so, not guess. */
+		bump(CNT_ATTACH_AMBIGUOUS, 1);
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline u64 read_value(const void *ptr, u32 size)
+{
+	u64 v = 0;
+	if (!ptr)
+		return 0;
+	switch (size) {
+	case 1: { u8 b = 0; bpf_probe_read_kernel(&b, 1, ptr); v = b; break; }
+	case 2: { u16 w = 0; bpf_probe_read_kernel(&w, 2, ptr); v = w; break; }
+	case 4: { u32 d = 0; bpf_probe_read_kernel(&d, 4, ptr); v = d; break; }
+	case 8: bpf_probe_read_kernel(&v, 8, ptr); break;
+	}
+	return v;
+}
+
+/* TP_PROTO(int type, int len, u64 gpa, void *val) */
+RAW_TRACEPOINT_PROBE(kvm_mmio)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 type = ctx->args[0];
+	u32 len = ctx->args[1];
+	u64 gpa = ctx->args[2];
+
+	settle_in_kernel(s);
+	if (type == KVM_TRACE_MMIO_WRITE) {
+		u64 val = read_value((const void *)ctx->args[3], len);
+		u8 path = classify_write(s, pid, SPACE_MMIO, gpa, len, val);
+		set_pending(s, pid, SPACE_MMIO, gpa, len, OP_WRITE, path, 1);
+	} else if (type == KVM_TRACE_MMIO_READ_UNSATISFIED) {
+		/* kvm.ko found no handler; the exit that follows confirms it. */
+		set_pending(s, pid, SPACE_MMIO, gpa, len, OP_READ, PATH_KERNEL, 1);
+	} else if (s->await_mmio_read && s->await_addr == gpa) {
+		s->await_mmio_read = 0;          /* completion of a userspace read */
+	} else if (!suspect_first_read(s)) {
+		count_now(s, pid, SPACE_MMIO, gpa, len, OP_READ, PATH_KERNEL, 1);
+	}
+	s->fresh_entry = 0;
+	return 0;
+}
+
+/* TP_PROTO(unsigned int rw, unsigned int port, unsigned int size,
+ *          unsigned int count, const void *data); rw: 0 = IN, 1 = OUT.
+ * String PIO (count > 1) counts each element as one access. */
+RAW_TRACEPOINT_PROBE(kvm_pio)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 rw = ctx->args[0];
+	u32 port = ctx->args[1];
+	u32 size = ctx->args[2];
+	u32 count = ctx->args[3];
+
+	settle_in_kernel(s);
+	if (rw) {
+		u64 val = read_value((const void *)ctx->args[4], size);
+		u8 path = classify_write(s, pid, SPACE_PIO, port, size, val);
+		set_pending(s, pid, SPACE_PIO, port, size, OP_WRITE, path, count);
+	} else if (s->await_pio_in) {
+		struct access_key k = {.pid = pid, .vm = s->vm, .addr = port,
+				       .space = SPACE_PIO, .op = OP_READ,
+				       .path = PATH_USERSPACE, .size = size};
+		s->await_pio_in = 0;
+		count_access(&k, count);
+		record_latency(&k, s->pio_in_ns);
+	} else if (!suspect_first_read(s)) {
+		count_now(s, pid, SPACE_PIO, port, size, OP_READ, PATH_KERNEL, count);
+	}
+	s->fresh_entry = 0;
+	return 0;
+}
+
+#ifdef HAVE_KVM_FAST_MMIO
+/* TP_PROTO(u64 gpa): VMX only.  A write to a zero-length ioeventfd, caught
+ * on the EPT-misconfig fast path without a kvm_mmio event. */
+RAW_TRACEPOINT_PROBE(kvm_fast_mmio)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	settle_in_kernel(s);
+	count_now(s, pid, SPACE_MMIO, ctx->args[0], 0, OP_WRITE, PATH_IOEVENTFD, 1);
+	s->fresh_entry = 0;
+	return 0;
+}
+#endif
+
+/* TP_PROTO(__u32 reason, int errno): the end of every KVM_RUN. */
+RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	u32 reason = ctx->args[0];
+	int err = ctx->args[1];
+	u8 space = reason == KVM_EXIT_MMIO ? SPACE_MMIO : SPACE_PIO;
+
+	if (err == 0 && (reason == KVM_EXIT_MMIO || reason == KVM_EXIT_IO)) {
+		s->exit_ts = bpf_ktime_get_ns();
+		if (s->pending && s->pend_key.space == space) {
+			s->pending = 0;
+			s->pend_key.path = PATH_USERSPACE;
+			count_access(&s->pend_key, s->pend_count);
+			s->exit_key = s->pend_key;
+			s->exit_kind = EXIT_KEYED;
+			if (space == SPACE_MMIO && s->pend_key.op == OP_READ) {
+				s->await_mmio_read = 1;
+				s->await_addr = s->pend_key.addr;
+			}
+			s->synced = 1;
+			return 0;
+		}
+		settle_in_kernel(s);
+		if (reason == KVM_EXIT_IO && s->synced) {
+			/* An IN: kvm_pio comes when KVM_RUN is re-entered. */
+			s->exit_kind = EXIT_PIO_IN;
+		} else {
+			/* The second half of an access KVM split in two, or (on a
+			 * thread not yet synced) an access begun before attach.
+			 * The thread stays unsynced, so a read completing this
+			 * exit is reported as ambiguous, not as a kernel read. */
+			s->exit_kind = EXIT_NONE;
+			bump(CNT_UNMATCHED_EXITS, 1);
+		}
+		return 0;
+	}
+	settle_in_kernel(s);
+	s->exit_kind = EXIT_NONE;
+	s->synced = 1;
+	return 0;
+}
+
+static __always_inline void on_kvm_run(struct thread_state *s, u32 pid)
+{
+	/* Userspace dispatch latency, per access: from kvm_userspace_exit to
+	 * the next KVM_RUN call on the same thread, i.e. the time the VMM took
+	 * to handle the exit (including any wait for a device thread). */
+	if (s->exit_kind == EXIT_KEYED) {
+		record_latency(&s->exit_key, bpf_ktime_get_ns() - s->exit_ts);
+	} else if (s->exit_kind == EXIT_PIO_IN) {
+		s->pio_in_ns = bpf_ktime_get_ns() - s->exit_ts;
+		s->await_pio_in = 1;
+	}
+	s->exit_kind = EXIT_NONE;
+	s->fresh_entry = 1;
+	refresh(s, pid);
+}
+
+static __always_inline void bump_reg_gen(void)
+{
+	int idx = CFG_REG_GEN;
+	u64 *g = config.lookup(&idx);
+	if (g)
+		__sync_fetch_and_add(g, 1);
+}
+
+static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
+{
+	struct ioctl_ioeventfd *a = &s->ioctl_arg.ioeventfd;
+	struct reg_key rk = {.pid = pid, .vm = s->vm, .addr = a->addr,
+			     .space = (a->flags & KVM_IOEVENTFD_FLAG_PIO) ? SPACE_PIO : SPACE_MMIO};
+	u8 wildcard = !(a->flags & KVM_IOEVENTFD_FLAG_DATAMATCH);
+	struct ioeventfd_set *set;
+	int zero_idx = 0;
+
+	if (a->flags & KVM_IOEVENTFD_FLAG_DEASSIGN) {
+		/* KVM's own match: bus, addr, len, wildcard, datamatch (its
+		 * collision check makes that unique). */
+		set = ioeventfds.lookup(&rk);
+		if (!set)
+			return;
+#pragma unroll
+		for (int i = 0; i < IOEVENTFD_SLOTS; i++) {
+			struct ioeventfd_slot *e = &set->slot[i];
+			if (e->used && e->len == a->len && e->wildcard == wildcard &&
+			    (wildcard || e->datamatch == a->datamatch)) {
+				e->used = 0;
+				break;
+			}
+		}
+		bump_reg_gen();
+		return;
+	}
+	struct ioeventfd_set *empty = ioeventfd_zero.lookup(&zero_idx);
+	if (!empty)
+		return;
+	set = ioeventfds.lookup_or_try_init(&rk, empty);
+	if (!set) {
+		bump(CNT_DROPPED_REGS, 1);
+		return;
+	}
+#pragma unroll
+	for (int i = 0; i < IOEVENTFD_SLOTS; i++) {
+		struct ioeventfd_slot *e = &set->slot[i];
+		if (!e->used) {
+			e->datamatch = a->datamatch;
+			e->len = a->len;
+			e->wildcard = wildcard;
+			e->used = 1;
+			bump_reg_gen();
+			return;
+		}
+	}
+	bump(CNT_DROPPED_REGS, 1);
+}
+
+static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
+{
+	struct ioctl_zone *a = &s->ioctl_arg.zone;
+	struct vm_key vk = {.pid = pid, .vm = s->vm};
+	int zero_idx = 0;
+	struct zone_set *empty = zone_zero.lookup(&zero_idx);
+	if (!empty)
+		return;
+	struct zone_set *zs = add ? zones.lookup_or_try_init(&vk, empty) : zones.lookup(&vk);
+	if (!zs) {
+		if (add)
+			bump(CNT_DROPPED_REGS, 1);
+		return;
+	}
+	u8 pio = a->pio ? 1 : 0;
+	int placed = 0;
+#pragma unroll
+	for (int i = 0; i < ZONE_SLOTS; i++) {
+		struct zone *z = &zs->zone[i];
+		if (add) {
+			if (!z->used && !placed) {
+				z->addr = a->addr;
+				z->size = a->size;
+				z->pio = pio;
+				z->used = 1;
+				placed = 1;
+			}
+		} else if (z->used && z->pio == pio && z->addr >= a->addr &&
+			   z->addr + z->size <= a->addr + a->size) {
+			/* KVM unregisters every zone inside the range. */
+			z->used = 0;
+		}
+	}
+	if (add && !placed)
+		bump(CNT_DROPPED_REGS, 1);
+	bump_reg_gen();
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	u32 cmd = args->cmd;
+	if (cmd != KVM_RUN && cmd != KVM_IOEVENTFD && cmd != KVM_CREATE_VM &&
+	    cmd != KVM_REGISTER_COALESCED_MMIO && cmd != KVM_UNREGISTER_COALESCED_MMIO)
+		return 0;
+	struct thread_state *s = thread();
+	if (!s)
+		return 0;
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	if (cmd == KVM_RUN) {
+		on_kvm_run(s, pid);
+		return 0;
+	}
+	if (!s->traced)
+		return 0;
+	s->ioctl_cmd = cmd;
+	if (cmd == KVM_IOEVENTFD)
+		bpf_probe_read_user(&s->ioctl_arg.ioeventfd, sizeof(s->ioctl_arg.ioeventfd),
+				    (void *)args->arg);
+	else if (cmd != KVM_CREATE_VM)
+		bpf_probe_read_user(&s->ioctl_arg.zone, sizeof(s->ioctl_arg.zone),
+				    (void *)args->arg);
+	return 0;
+}
+
+/* Registrations take effect only if the ioctl succeeded.  The ioctl numbers
+ * are KVM's (type 0xAE); another driver answering them would have to accept
+ * the same argument layout, which none does. */
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	if (!s || !s->ioctl_cmd)
+		return 0;
+	u32 cmd = s->ioctl_cmd;
+	s->ioctl_cmd = 0;
+	if (args->ret < 0)
+		return 0;
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	if (cmd == KVM_CREATE_VM) {
+		struct vm_info *vi = vm_of(pid);
+		if (vi)
+			vi->complete = 1;
+		refresh(s, pid);
+	} else if (cmd == KVM_IOEVENTFD) {
+		apply_ioeventfd(s, pid);
+	} else {
+		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO);
+	}
+	return 0;
+}
+
+/* With -p or -- CMD, children of traced processes are traced too (a VMM
+ * started by a wrapper script).  Thread ids land here as well; they are
+ * removed again when the thread exits. */
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	if (!cfg(CFG_FILTER))
+		return 0;
+	u32 parent = bpf_get_current_pid_tgid() >> 32;
+	if (!targets.lookup(&parent))
+		return 0;
+	u32 child = args->child_pid;
+	u8 one = 1;
+	targets.update(&child, &one);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = id;
+	if (tid != (u32)(id >> 32))
+		targets.delete(&tid);
+	return 0;
+}

@@ -1,0 +1,155 @@
+"""Probe loading: compile bpf/ioregtrace.bpf.c with BCC, attach it, and read
+its maps back as plain Python data (a RawSnapshot).  Nothing here knows
+about rows or views."""
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import headers, histogram, keys, kvmapi, requirements
+from .errors import UserError
+
+BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "bpf", "ioregtrace.bpf.c")
+
+# Fixed map sizes.  When one is full the BPF side counts what it dropped.
+MAP_SIZES = {
+    "MAX_ACCESS_KEYS": 16384,
+    "MAX_LATENCY_KEYS": 2048,
+    "MAX_VMS": 1024,
+    "MAX_TARGETS": 8192,
+    "MAX_IOEVENTFD_ADDRS": 4096,
+    "IOEVENTFD_SLOTS": 16,
+    "ZONE_SLOTS": 16,
+}
+
+# Order of the counters map (CNT_* in the BPF source).
+COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambiguous",
+            "unmatched_exits", "dropped_registrations", "dropped_vms")
+
+CFG_FILTER, CFG_REG_GEN = 0, 1
+
+
+def compile_flags(have_fast_mmio):
+    flags = ["-Wno-ignored-attributes", "-Wno-unused-function"]
+    flags += keys.bpf_defines() + histogram.bpf_defines()
+    flags += [f"-D{name}={value}" for name, value in MAP_SIZES.items()]
+    for name in ("KVM_RUN", "KVM_IOEVENTFD", "KVM_CREATE_VM",
+                 "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO",
+                 "KVM_EXIT_MMIO", "KVM_EXIT_IO", "KVM_IOEVENTFD_FLAG_PIO",
+                 "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_DEASSIGN"):
+        flags.append(f"-D{name}={getattr(kvmapi, name):#x}U")
+    if have_fast_mmio:
+        flags.append("-DHAVE_KVM_FAST_MMIO")
+    return flags
+
+
+@dataclass
+class LatencyStats:
+    count: int
+    sum_ns: int
+    max_ns: int
+    slots: list
+
+
+@dataclass
+class VmInfo:
+    pid: int
+    serial: int
+    complete: bool     # saw KVM_CREATE_VM: every registration is known
+    comm: str
+
+
+@dataclass
+class RawSnapshot:
+    """The maps at one instant.  Keys are (vm_serial, AccessKey)."""
+    taken: float
+    accesses: dict = field(default_factory=dict)
+    latencies: dict = field(default_factory=dict)
+    vms: dict = field(default_factory=dict)          # serial -> VmInfo
+    counters: dict = field(default_factory=dict)
+    ioeventfds: list = field(default_factory=list)   # (serial, space, addr, len, datamatch|None)
+    zones: list = field(default_factory=list)        # (serial, space, addr, size)
+
+
+def preflight():
+    """The checks that must pass before compiling; raises the first failure
+    as one line that names the fix."""
+    for check in ([requirements.check_privileges()] + requirements.check_mounts()
+                  + requirements.check_tracepoints() + [requirements.check_bcc()]):
+        if check.required and not check.ok:
+            raise UserError(f"{check.name}: {check.detail}; fix: {check.fix} "
+                            "(see `ioregtrace doctor`)")
+
+
+class Tracer:
+    """The loaded BPF program.  `pids`: trace only these processes and their
+    children (None: every KVM VM on the host)."""
+
+    def __init__(self, pids=None):
+        preflight()
+        path, how = headers.find(build=True)
+        if path is None:
+            raise UserError(f"kernel headers for BCC: {how}; fix: ioregtrace doctor --fix")
+        if path != headers.running_build_dir():
+            os.environ["BCC_KERNEL_SOURCE"] = path
+        self.have_fast_mmio = requirements.tracepoint_exists("kvm", "kvm_fast_mmio")
+        from bcc import BPF
+        try:
+            self.bpf = BPF(src_file=BPF_SOURCE.encode(),
+                           cflags=compile_flags(self.have_fast_mmio))
+        except Exception as e:   # BCC raises bare Exception for compile/attach
+            raise UserError(f"loading the BPF program failed: {str(e).splitlines()[0]} "
+                            "(see `ioregtrace doctor`)") from None
+        self.started = time.monotonic()
+        self.filtering = pids is not None
+        config = self.bpf["config"]
+        config[ctypes.c_int(CFG_REG_GEN)] = ctypes.c_uint64(1)
+        if self.filtering:
+            for pid in pids:
+                self.add_target(pid)
+            config[ctypes.c_int(CFG_FILTER)] = ctypes.c_uint64(1)
+
+    def add_target(self, pid):
+        self.bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def attached_probes(self):
+        probes = ["kvm:kvm_mmio", "kvm:kvm_pio", "kvm:kvm_userspace_exit",
+                  "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
+                  "sched:sched_process_fork", "sched:sched_process_exit"]
+        if self.have_fast_mmio:
+            probes.append("kvm:kvm_fast_mmio")
+        return probes
+
+    def snapshot(self):
+        snap = RawSnapshot(taken=time.monotonic())
+        for k, v in self.bpf["accesses"].items():
+            snap.accesses[(k.vm, _access_key(k))] = v.value
+        for k, v in self.bpf["latencies"].items():
+            snap.latencies[(k.vm, _access_key(k))] = LatencyStats(
+                v.count, v.sum_ns, v.max_ns, list(v.slots)[:histogram.SLOTS])
+        for k, v in self.bpf["vms"].items():
+            snap.vms[v.serial] = VmInfo(k.value, v.serial, bool(v.complete),
+                                        v.comm.decode(errors="replace"))
+        for i, name in enumerate(COUNTERS):
+            snap.counters[name] = sum(self.bpf["counters"][ctypes.c_int(i)])
+        for k, v in self.bpf["ioeventfds"].items():
+            for slot in v.slot:
+                if slot.used:
+                    snap.ioeventfds.append((k.vm, keys.Space(k.space), k.addr, slot.len,
+                                            None if slot.wildcard else slot.datamatch))
+        for k, v in self.bpf["zones"].items():
+            for z in v.zone:
+                if z.used:
+                    snap.zones.append((k.vm, keys.Space.PIO if z.pio else keys.Space.MMIO,
+                                       z.addr, z.size))
+        return snap
+
+    def close(self):
+        self.bpf.cleanup()
+
+
+def _access_key(k):
+    return keys.AccessKey(k.pid, keys.Space(k.space), k.addr, k.size, keys.Op(k.op),
+                          keys.Path(k.path))

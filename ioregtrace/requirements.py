@@ -1,0 +1,172 @@
+"""What ioregtrace needs from the machine, how to check each piece, and how
+to fix the ones a program can fix.  `ioregtrace doctor` prints these; the
+tracer runs the same checks before loading and fails with the first one
+missing, naming the fix."""
+
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import headers
+
+DEBUGFS = "/sys/kernel/debug"
+TRACEFS = "/sys/kernel/tracing"
+
+# (subsystem, event, required): the tracepoints the BPF program attaches to.
+TRACEPOINTS = (
+    ("kvm", "kvm_mmio", True),
+    ("kvm", "kvm_pio", True),
+    ("kvm", "kvm_userspace_exit", True),
+    ("kvm", "kvm_fast_mmio", False),      # VMX's EPT-misconfig fast path only
+    ("syscalls", "sys_enter_ioctl", True),
+    ("syscalls", "sys_exit_ioctl", True),
+    ("sched", "sched_process_fork", True),
+    ("sched", "sched_process_exit", True),
+)
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""                           # what the user can do
+    fixer: Optional[Callable[[], None]] = None   # what `doctor --fix` does
+    required: bool = True
+
+
+def _effective_caps():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_privileges():
+    caps = _effective_caps()
+    has = lambda cap: bool(caps >> cap & 1)   # noqa: E731
+    ok = has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+    detail = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    return Check("privileges (CAP_BPF + CAP_PERFMON, or root)", ok,
+                 detail if ok else f"{detail} without CAP_BPF/CAP_PERFMON",
+                 fix="run as root (sudo ioregtrace ...)")
+
+
+def _is_mounted(path, fstype):
+    try:
+        with open("/proc/mounts") as f:
+            return any(line.split()[1] == path and line.split()[2] == fstype
+                       for line in f if len(line.split()) > 2)
+    except OSError:
+        return False
+
+
+def _mount(fstype, path):
+    subprocess.run(["mount", "-t", fstype, "none", path], check=True,
+                   capture_output=True)
+
+
+def tracing_root():
+    """Where tracepoint formats live.  BCC reads them below debugfs."""
+    for root in (os.path.join(DEBUGFS, "tracing"), TRACEFS):
+        if os.path.isdir(os.path.join(root, "events")):
+            return root
+    return None
+
+
+def check_mounts():
+    checks = []
+    for fstype, path in (("debugfs", DEBUGFS), ("tracefs", TRACEFS)):
+        ok = _is_mounted(path, fstype)
+        checks.append(Check(f"{fstype} mounted at {path}", ok,
+                            "mounted" if ok else "not mounted",
+                            fix=f"mount -t {fstype} none {path}",
+                            fixer=None if ok else (lambda t=fstype, p=path: _mount(t, p))))
+    return checks
+
+
+def tracepoint_exists(subsystem, event):
+    root = tracing_root()
+    return bool(root) and os.path.isdir(os.path.join(root, "events", subsystem, event))
+
+
+def check_tracepoints():
+    checks = []
+    root = tracing_root()
+    for subsystem, event, required in TRACEPOINTS:
+        ok = bool(root) and tracepoint_exists(subsystem, event)
+        if ok:
+            detail = "present"
+        elif not root:
+            detail = "cannot tell: tracefs is not mounted"
+        else:
+            detail = "absent from this kernel"
+        fix = ("mount debugfs/tracefs (ioregtrace doctor --fix)" if not root else
+               "load kvm (modprobe kvm_intel or kvm_amd)" if subsystem == "kvm" else
+               "a kernel built with CONFIG_FTRACE_SYSCALLS" if subsystem == "syscalls" else
+               "a kernel with tracepoints enabled")
+        if not required:
+            detail += " (optional: VMX fast MMIO path only)" if not ok else ""
+        checks.append(Check(f"tracepoint {subsystem}:{event}", ok, detail,
+                            fix=fix, required=required))
+    return checks
+
+
+def check_bcc():
+    try:
+        import bcc  # noqa: F401
+        version = getattr(bcc, "__version__", "unknown version")
+        return Check("BCC python module", True, f"bcc {version}")
+    except ImportError as e:
+        return Check("BCC python module", False, str(e),
+                     fix="apt-get install python3-bpfcc, and use /usr/bin/python3 "
+                         "(or a venv made with --system-site-packages)")
+
+
+def _install_headers():
+    package = headers.newest_debian_package()
+    if package is None:
+        raise RuntimeError("apt knows no linux-headers-6.12.*-amd64 package")
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", package],
+                   check=True, capture_output=True,
+                   env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    headers.find(build=True)
+
+
+def check_headers():
+    path, how = headers.find(build=False)
+    if path:
+        return Check("kernel headers for BCC", True, f"{path} ({how})")
+    if headers.installed_debian_pairs():
+        return Check("kernel headers for BCC", False, how,
+                     fix="ioregtrace doctor --fix (merges the installed packages)",
+                     fixer=lambda: headers.find(build=True))
+    return Check("kernel headers for BCC", False, how,
+                 fix="apt-get install linux-headers-6.12.<N>+deb12-amd64 "
+                     "(ioregtrace doctor --fix does it)",
+                 fixer=_install_headers)
+
+
+def check_kvm_device():
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+        return Check("/dev/kvm (for the demo VM)", True, "usable", required=False)
+    except OSError as e:
+        return Check("/dev/kvm (for the demo VM)", False, e.strerror,
+                     fix="enable KVM in the host (kvm module, nested virtualisation)",
+                     required=False)
+
+
+def all_checks():
+    return ([check_privileges()] + check_mounts() + check_tracepoints()
+            + [check_bcc(), check_headers(), check_kvm_device()])
