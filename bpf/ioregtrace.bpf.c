@@ -258,11 +258,25 @@ static __always_inline void count_access(struct access_key *k, u64 n)
 		bump(CNT_DROPPED_ACCESSES, n);
 }
 
+/* floor(log2(v)) for v > 0.  (BCC's bpf_log2l() is that plus one.) */
+static __always_inline u32 floor_log2(u64 v)
+{
+	u32 r = 0;
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) r += 1;
+	return r;
+}
+
+/* The slot layout is documented in ioregtrace/histogram.py (slot_of). */
 static __always_inline u32 hist_slot(u64 ns)
 {
 	if (ns < (1ULL << HIST_LOW_SHIFT))
 		return ns >> (HIST_LOW_SHIFT - HIST_SUB_BITS);
-	u32 e = bpf_log2l(ns);
+	u32 e = floor_log2(ns);
 	if (e > HIST_HIGH_SHIFT)
 		return HIST_SLOTS - 1;
 	u32 sub = (ns >> (e - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1);

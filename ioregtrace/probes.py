@@ -114,6 +114,12 @@ class Tracer:
     def add_target(self, pid):
         self.bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
+    def remove_target(self, pid):
+        try:
+            del self.bpf["targets"][ctypes.c_uint32(pid)]
+        except KeyError:
+            pass
+
     def attached_probes(self):
         probes = ["kvm:kvm_mmio", "kvm:kvm_pio", "kvm:kvm_userspace_exit",
                   "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",

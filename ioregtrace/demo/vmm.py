@@ -332,6 +332,7 @@ class DemoVM:
                     if control == CONTROL_SYNC:
                         self._read_eventfds()   # discard warm-up signals
                         self.truth.reset()
+                        self.exits = 0
                         self.sync()
                         started = time.monotonic()
                     continue

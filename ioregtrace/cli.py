@@ -1,0 +1,196 @@
+"""The ioregtrace command line."""
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _PassThrough(click.Command):
+    """Commands that take `-- CMD [ARGS...]`: everything after `--` is CMD's."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            i = args.index("--")
+            args, ctx.meta["cmd"] = args[:i], args[i + 1:]
+            if not ctx.meta["cmd"]:
+                raise click.UsageError("`--` must be followed by a command", ctx)
+        else:
+            ctx.meta["cmd"] = []
+        return super().parse_args(ctx, args)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="ioregtrace")
+def cli():
+    """How KVM dispatches guest device accesses, per VM and device region.
+
+    Every guest MMIO/PIO access that kvm.ko reports is classified by the path
+    that served it: ioeventfd (signalled an eventfd in the kernel), coalesced
+    (buffered in the coalesced MMIO/PIO ring), kernel (emulated in kvm.ko:
+    LAPIC, IOAPIC, PIT, PIC), userspace (KVM_RUN returned KVM_EXIT_MMIO/IO to
+    the VMM), or ioregionfd (kernels that have it).  Userspace round trips
+    are timed.  Needs root (CAP_BPF + CAP_PERFMON); `ioregtrace doctor`
+    checks the rest.
+    """
+
+
+def _target_options(f):
+    f = click.option("-p", "--pid", "pids", type=int, multiple=True, metavar="PID",
+                     help="Trace this VMM process (repeatable). Default: every KVM VM.")(f)
+    f = click.option("-d", "--duration", type=float, metavar="SECONDS",
+                     help="Stop after SECONDS. Default: until CMD or the -p processes "
+                          "exit, or Ctrl-C.")(f)
+    return f
+
+
+@cli.command(cls=_PassThrough, context_settings=CONTEXT)
+@_target_options
+@click.option("--json", "as_json", is_flag=True, help="Write JSON instead of a table.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write the result to FILE instead of stdout.")
+@click.pass_context
+def stat(ctx, pids, duration, as_json, output):
+    """Count guest device accesses by address and dispatch path.
+
+    \b
+    ioregtrace stat                       every KVM VM, until Ctrl-C
+    ioregtrace stat -p 1234 -d 10         one VMM for 10 seconds
+    ioregtrace stat --json -- qemu-system-x86_64 ...
+                                          run CMD traced from its start;
+                                          exit with CMD's status
+
+    Rows: one per VM, address, size, op and path, with count, share, rate
+    and, for the userspace path, latency p50/p99/max in microseconds (the
+    time from the exit to the VMM's next KVM_RUN on that vCPU thread).
+    Ctrl-C prints what was gathered so far.
+    """
+    from . import report
+    from .session import Session
+    from .views import stat as stat_view
+
+    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration).start()
+    try:
+        session.wait()
+        result = report.build(session.tracer.snapshot(), session.elapsed)
+        text = (json.dumps(stat_view.to_json(result), indent=1) + "\n" if as_json
+                else stat_view.table(result))
+        if output:
+            with open(output, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    finally:
+        status = session.finish()
+    ctx.exit(status)
+
+
+def _parse_counts(values):
+    counts = {}
+    for value in values:
+        name, sep, count = value.partition("=")
+        if not sep or not count.isdigit():
+            raise click.BadParameter(f"{value!r}: expected NAME=COUNT", param_hint="--set")
+        counts[name] = int(count)
+    return counts
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--truth", type=click.Path(dir_okay=False, writable=True),
+              help="Write the VMM's own count of what it did and saw (stat's JSON shape).")
+@click.option("--scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Multiply every block's count.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=COUNT",
+              help="Set one block's count (repeatable); see --list.")
+@click.option("--delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="How long the device thread takes to answer a forwarded read.")
+@click.option("--wait-signal", is_flag=True,
+              help="Run the mix once as warm-up, then wait for SIGUSR1 before the "
+                   "measured pass (for attaching with -p); --truth covers that pass.")
+@click.option("--list", "list_mix", is_flag=True, help="Print the mix and exit.")
+def demo(truth, scale, sets, delay_us, wait_signal, list_mix):
+    """Run the built-in demo VM: a tiny VMM on /dev/kvm whose guest makes a
+    known mix of device accesses over every dispatch path.
+
+    \b
+    ioregtrace stat -- ioregtrace demo     trace it (what `make demo` does)
+    ioregtrace demo --truth truth.json     its own count, to compare with stat
+    """
+    from .demo import mix, run
+
+    counts = _parse_counts(sets)
+    if list_mix:
+        try:
+            blocks = mix.build_mix(scale, counts)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for b in blocks:
+            click.echo(f"{b.name:18} {str(b.space):4} {b.address:#12x} {b.size} "
+                       f"{str(b.op):5} x{b.accesses:<7} meant for {b.expect}")
+        return
+    try:
+        run.run(scale=scale, counts=counts, delay_us=delay_us, wait_signal=wait_signal,
+                truth_path=truth)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--fix", is_flag=True,
+              help="Apply the fixes that can be automated (mounts, kernel header tree).")
+def doctor(fix):
+    """Check what ioregtrace needs: privileges, debugfs/tracefs, each
+    tracepoint, BCC, kernel headers, /dev/kvm.  Exit 1 if a required one is
+    missing."""
+    from . import requirements
+
+    checks = requirements.all_checks()
+    if fix:
+        for check in checks:
+            if not check.ok and check.fixer:
+                click.echo(f"fixing: {check.name} ...")
+                try:
+                    check.fixer()
+                except Exception as e:   # report and go on with the others
+                    click.echo(f"  failed: {e}")
+        checks = requirements.all_checks()
+    for check in checks:
+        mark = "ok" if check.ok else ("missing" if check.required else "absent")
+        line = f"[{mark:7}] {check.name}: {check.detail}"
+        if not check.ok:
+            line += f"\n          fix: {check.fix}"
+        click.echo(line)
+    if any(c.required and not c.ok for c in checks):
+        raise SystemExit(1)
+
+
+def main(argv=None):
+    """Entry point: every failure the user can cause or fix is one line on
+    stderr, never a traceback.  Usage errors exit 2, everything else 1."""
+    try:
+        status = cli.main(args=argv, prog_name="ioregtrace", standalone_mode=False)
+        sys.exit(status or 0)
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        print(f"ioregtrace: error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as e:
+        print(f"ioregtrace: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("ioregtrace: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except UserError as e:
+        print(f"ioregtrace: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("ioregtrace: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
