@@ -646,9 +646,10 @@ static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
 				z->used = 1;
 				placed = 1;
 			}
-		} else if (z->used && z->pio == pio && z->addr >= a->addr &&
-			   z->addr + z->size <= a->addr + a->size) {
-			/* KVM unregisters every zone inside the range. */
+		} else if (z->used && z->pio == pio && a->addr >= z->addr &&
+			   a->addr + a->size <= z->addr + z->size) {
+			/* As KVM's coalesced_mmio_in_range(zone, addr, size):
+			 * every zone that contains the given range goes. */
 			z->used = 0;
 		}
 	}

@@ -113,8 +113,11 @@ def _parse_counts(values):
 @click.option("--wait-signal", is_flag=True,
               help="Run the mix once as warm-up, then wait for SIGUSR1 before the "
                    "measured pass (for attaching with -p); --truth covers that pass.")
+@click.option("--churn", is_flag=True,
+              help="After the measured pass, deassign the datamatch ioeventfd and "
+                   "unregister the coalesced zones, then run the mix again.")
 @click.option("--list", "list_mix", is_flag=True, help="Print the mix and exit.")
-def demo(truth, scale, sets, delay_us, wait_signal, list_mix):
+def demo(truth, scale, sets, delay_us, wait_signal, churn, list_mix):
     """Run the built-in demo VM: a tiny VMM on /dev/kvm whose guest makes a
     known mix of device accesses over every dispatch path.
 
@@ -136,7 +139,7 @@ def demo(truth, scale, sets, delay_us, wait_signal, list_mix):
         return
     try:
         run.run(scale=scale, counts=counts, delay_us=delay_us, wait_signal=wait_signal,
-                truth_path=truth)
+                churn=churn, truth_path=truth)
     except ValueError as e:
         raise UserError(str(e)) from None
 

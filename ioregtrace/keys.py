@@ -59,9 +59,6 @@ class AccessKey:
         """perf-kvm-stat style label: 0xfebf0000:4:W or 0x60:1:R."""
         return f"{self.address:#x}:{self.size}:{'W' if self.op == Op.WRITE else 'R'}"
 
-    def fallback_region(self):
-        return f"{self.space}@{self.address:#x}"
-
 
 def bpf_defines():
     """-D flags that give the BPF program the same numbering as this module."""

@@ -58,11 +58,11 @@ class GuestCode:
 
     def rep_outs(self, size):
         """rep outsb/outsw/outsd: ECX elements from [ESI] to port DX."""
-        self._emit(0xF3, {1: b"\x6E", 2: b"\x66\x6F", 4: b"\x6F"}[size])
+        self._emit({1: b"\xF3\x6E", 2: b"\x66\xF3\x6F", 4: b"\xF3\x6F"}[size])
 
     def rep_ins(self, size):
         """rep insb/insw/insd: ECX elements from port DX to [EDI]."""
-        self._emit(0xF3, {1: b"\x6C", 2: b"\x66\x6D", 4: b"\x6D"}[size])
+        self._emit({1: b"\xF3\x6C", 2: b"\x66\xF3\x6D", 4: b"\xF3\x6D"}[size])
 
     def loop(self, count, body):
         """Run body() `count` times, counting down in EBX."""

@@ -37,6 +37,7 @@ DOORBELL_DATAMATCH = 7
 PIO_DOORBELL_DATAMATCH = 3
 CONTROL_SYNC = 1
 CONTROL_DONE = 2
+CONTROL_CHURN = 3           # deassign/unregister, then run the mix again
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from .. import kvmapi as kvm
 from ..errors import UserError
 from ..keys import AccessKey, Op, Path, Space
 from .guestcode import GuestCode
-from .mix import (CODE_ADDR, COALESCED_MMIO, COALESCED_MMIO_SIZE, CONTROL_DONE,
-                  CONTROL_SYNC, DOORBELL_DATAMATCH, DOORBELL_DM_MMIO, DOORBELL_MMIO,
+from .mix import (CODE_ADDR, COALESCED_MMIO, COALESCED_MMIO_SIZE, CONTROL_CHURN,
+                  CONTROL_DONE, CONTROL_SYNC, DOORBELL_DATAMATCH, DOORBELL_DM_MMIO, DOORBELL_MMIO,
                   FORWARD_MMIO, INS_BUF, OUTS_BUF, PIO_COALESCED, PIO_CONTROL,
                   PIO_DOORBELL, PIO_DOORBELL_DATAMATCH, RAM_SIZE)
 
@@ -116,12 +116,16 @@ class Truth:
 
 
 class DemoVM:
-    def __init__(self, mix, delay_s=0.001, sync=None):
+    def __init__(self, mix, delay_s=0.001, sync=None, churn=False):
         """sync: None, or a callable run when the guest reaches the end of
         its warm-up pass (the demo's attach point); the truth is reset there
-        so it covers only the measured pass."""
+        so it covers only the measured pass.
+        churn: after the measured pass, deassign the datamatch ioeventfd and
+        unregister the coalesced zones, then run the mix a second time (its
+        writes there now exit to userspace)."""
         self.mix = mix
         self.sync = sync
+        self.churn = churn
         self.truth = Truth(os.getpid())
         self.eventfds = {}        # (space, addr, size) -> eventfd for that doorbell
         self.kernel_program = collections.Counter()
@@ -169,6 +173,15 @@ class DemoVM:
         self.ring_max = kvm.coalesced_ring_max(PAGE_SIZE)
         self._set_cpu_state()
 
+    def _ioeventfd_args(self, space, addr, size, datamatch, efd, deassign=False):
+        flags = kvm.KVM_IOEVENTFD_FLAG_PIO if space == Space.PIO else 0
+        if datamatch is not None:
+            flags |= kvm.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= kvm.KVM_IOEVENTFD_FLAG_DEASSIGN
+        return kvm.KvmIoeventfd(datamatch=datamatch or 0, addr=addr, len=size, fd=efd,
+                                flags=flags)
+
     def _register_doorbells(self):
         doorbells = [
             (Space.MMIO, DOORBELL_MMIO, 4, None),
@@ -177,21 +190,33 @@ class DemoVM:
         ]
         for space, addr, size, datamatch in doorbells:
             efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            flags = kvm.KVM_IOEVENTFD_FLAG_PIO if space == Space.PIO else 0
-            if datamatch is not None:
-                flags |= kvm.KVM_IOEVENTFD_FLAG_DATAMATCH
-            args = kvm.KvmIoeventfd(datamatch=datamatch or 0, addr=addr, len=size,
-                                    fd=efd, flags=flags)
-            _ioctl(self.vm_fd, kvm.KVM_IOEVENTFD, args)
+            _ioctl(self.vm_fd, kvm.KVM_IOEVENTFD,
+                   self._ioeventfd_args(space, addr, size, datamatch, efd))
             self.eventfds[(space, addr, size)] = efd
 
-    def _register_coalesced(self):
+    def _zones(self):
         zones = [kvm.KvmCoalescedMmioZone(addr=COALESCED_MMIO,
                                           size=COALESCED_MMIO_SIZE, pio=0)]
         if self.has_coalesced_pio:
             zones.append(kvm.KvmCoalescedMmioZone(addr=PIO_COALESCED, size=1, pio=1))
-        for zone in zones:
+        return zones
+
+    def _register_coalesced(self):
+        for zone in self._zones():
             _ioctl(self.vm_fd, kvm.KVM_REGISTER_COALESCED_MMIO, zone)
+
+    def _churn_registrations(self):
+        """Take the datamatch doorbell and the coalesced zones away.  A
+        zone is named by one byte inside it: KVM removes every zone that
+        contains the range it is given (a larger, enclosing range would
+        remove nothing, and still succeed)."""
+        key = (Space.MMIO, DOORBELL_DM_MMIO, 4)
+        _ioctl(self.vm_fd, kvm.KVM_IOEVENTFD,
+               self._ioeventfd_args(*key, DOORBELL_DATAMATCH, self.eventfds[key],
+                                    deassign=True))
+        for zone in self._zones():
+            zone.size = 1
+            _ioctl(self.vm_fd, kvm.KVM_UNREGISTER_COALESCED_MMIO, zone)
 
     def _set_cpu_state(self):
         sregs = kvm.KvmSregs()
@@ -253,6 +278,9 @@ class DemoVM:
             self._emit_pass(code, self.mix, record=False)
             self._control(code, CONTROL_SYNC)
         self._emit_pass(code, self.mix, record=True)
+        if self.churn:
+            self._control(code, CONTROL_CHURN)
+            self._emit_pass(code, self.mix, record=True)
         self._control(code, CONTROL_DONE)
         code.hlt_forever()
         image = code.bytes()
@@ -335,6 +363,8 @@ class DemoVM:
                         self.exits = 0
                         self.sync()
                         started = time.monotonic()
+                    elif control == CONTROL_CHURN:
+                        self._churn_registrations()
                     continue
                 pending = (key, t_exit)
             else:

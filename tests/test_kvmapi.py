@@ -1,0 +1,104 @@
+"""ioregtrace's copy of the KVM ABI, checked against <linux/kvm.h> as a C
+compiler sees it (linux-libc-dev)."""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from ioregtrace import kvmapi
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None or not os.path.exists("/usr/include/linux/kvm.h"),
+    reason="gcc and linux-libc-dev are needed")
+
+CONSTANTS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION",
+             "KVM_GET_VCPU_MMAP_SIZE", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION",
+             "KVM_CREATE_IRQCHIP", "KVM_REGISTER_COALESCED_MMIO",
+             "KVM_UNREGISTER_COALESCED_MMIO", "KVM_CREATE_PIT2", "KVM_IOEVENTFD", "KVM_RUN",
+             "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
+             "KVM_API_VERSION", "KVM_CAP_COALESCED_MMIO", "KVM_CAP_IOEVENTFD",
+             "KVM_CAP_COALESCED_PIO", "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO",
+             "KVM_IOEVENTFD_FLAG_DEASSIGN", "KVM_PIT_SPEAKER_DUMMY", "KVM_EXIT_IO",
+             "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY",
+             "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT"]
+
+LAYOUT = {
+    "sizeof_sregs": "sizeof(struct kvm_sregs)",
+    "sizeof_regs": "sizeof(struct kvm_regs)",
+    "sizeof_ioeventfd": "sizeof(struct kvm_ioeventfd)",
+    "sizeof_zone": "sizeof(struct kvm_coalesced_mmio_zone)",
+    "sizeof_memory_region": "sizeof(struct kvm_userspace_memory_region)",
+    "sizeof_pit_config": "sizeof(struct kvm_pit_config)",
+    "run_exit_reason": "offsetof(struct kvm_run, exit_reason)",
+    "run_io": "offsetof(struct kvm_run, io)",
+    "run_mmio": "offsetof(struct kvm_run, mmio)",
+    "run_mmio_data": "offsetof(struct kvm_run, mmio.data)",
+    "run_mmio_len": "offsetof(struct kvm_run, mmio.len)",
+    "run_mmio_is_write": "offsetof(struct kvm_run, mmio.is_write)",
+    "run_io_count": "offsetof(struct kvm_run, io.count)",
+    "run_io_data_offset": "offsetof(struct kvm_run, io.data_offset)",
+    "ring_entry": "sizeof(struct kvm_coalesced_mmio)",
+    "ring_header": "offsetof(struct kvm_coalesced_mmio_ring, coalesced_mmio)",
+    "ring_max_4k": "(4096 - sizeof(struct kvm_coalesced_mmio_ring)) / sizeof(struct kvm_coalesced_mmio)",
+    "sregs_efer": "offsetof(struct kvm_sregs, efer)",
+    "regs_rip": "offsetof(struct kvm_regs, rip)",
+}
+
+
+@pytest.fixture(scope="module")
+def header_values():
+    lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/kvm.h>",
+             "int main(void) {"]
+    for name in CONSTANTS:
+        lines.append(f'  printf("{name} %llu\\n", (unsigned long long)({name}));')
+    for name, expr in LAYOUT.items():
+        lines.append(f'  printf("{name} %llu\\n", (unsigned long long)({expr}));')
+    lines.append("  return 0; }")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = os.path.join(tmp, "k.c"), os.path.join(tmp, "k")
+        with open(src, "w") as f:
+            f.write("\n".join(lines))
+        subprocess.run(["gcc", "-o", exe, src], check=True)
+        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_constant_matches_header(header_values, name):
+    assert getattr(kvmapi, name) == header_values[name]
+
+
+def test_struct_sizes_match_header(header_values):
+    assert ctypes.sizeof(kvmapi.KvmSregs) == header_values["sizeof_sregs"]
+    assert ctypes.sizeof(kvmapi.KvmRegs) == header_values["sizeof_regs"]
+    assert ctypes.sizeof(kvmapi.KvmIoeventfd) == header_values["sizeof_ioeventfd"]
+    assert ctypes.sizeof(kvmapi.KvmCoalescedMmioZone) == header_values["sizeof_zone"]
+    assert (ctypes.sizeof(kvmapi.KvmUserspaceMemoryRegion)
+            == header_values["sizeof_memory_region"])
+    assert ctypes.sizeof(kvmapi.KvmPitConfig) == header_values["sizeof_pit_config"]
+    assert kvmapi.KvmSregs.efer.offset == header_values["sregs_efer"]
+    assert kvmapi.KvmRegs.rip.offset == header_values["regs_rip"]
+
+
+def test_kvm_run_layout_matches_header(header_values):
+    assert kvmapi.RUN_EXIT_REASON == header_values["run_exit_reason"]
+    assert kvmapi.RUN_EXIT_UNION == header_values["run_io"] == header_values["run_mmio"]
+    assert kvmapi.RUN_MMIO_DATA == header_values["run_mmio_data"]
+    # {u64 phys_addr; u8 data[8]; u32 len; u8 is_write} and
+    # {u8 direction; u8 size; u16 port; u32 count; u64 data_offset}
+    assert header_values["run_mmio_len"] - header_values["run_mmio"] == 16
+    assert header_values["run_mmio_is_write"] - header_values["run_mmio"] == 20
+    assert kvmapi.RUN_MMIO.size == 21
+    assert header_values["run_io_count"] - header_values["run_io"] == 4
+    assert header_values["run_io_data_offset"] - header_values["run_io"] == 8
+    assert kvmapi.RUN_IO.size == 16
+
+
+def test_coalesced_ring_layout_matches_header(header_values):
+    assert kvmapi.COALESCED_RING_ENTRY.size == header_values["ring_entry"]
+    assert kvmapi.COALESCED_RING_HEADER.size == header_values["ring_header"]
+    assert kvmapi.coalesced_ring_max(4096) == header_values["ring_max_4k"]

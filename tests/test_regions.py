@@ -1,0 +1,28 @@
+from ioregtrace.keys import Space
+from ioregtrace.regions import FallbackNamer
+
+
+def test_conventional_kvm_devices():
+    n = FallbackNamer()
+    assert n.name(1, Space.MMIO, 0xFEE00030) == "lapic"
+    assert n.name(1, Space.MMIO, 0xFEC00010) == "ioapic"
+    assert n.name(1, Space.MMIO, 0xFEC00100) == "mmio@0xfec00100"
+    assert n.name(1, Space.PIO, 0x43) == "pit"
+    assert n.name(1, Space.PIO, 0x44) == "pio@0x44"
+    assert n.name(1, Space.PIO, 0x21) == "pic-master"
+    assert n.name(1, Space.PIO, 0xA1) == "pic-slave"
+    assert n.name(1, Space.PIO, 0x4D1) == "elcr"
+
+
+def test_space_matters():
+    assert FallbackNamer().name(1, Space.MMIO, 0x40) == "mmio@0x40"
+
+
+def test_registrations_are_per_vm_and_win_over_conventions():
+    n = FallbackNamer(ioeventfds=[(1, Space.PIO, 0x40, 1, None)],
+                      zones=[(2, Space.MMIO, 0x1000, 0x10)])
+    assert n.name(1, Space.PIO, 0x40) == "ioeventfd@0x40"
+    assert n.name(2, Space.PIO, 0x40) == "pit"
+    assert n.name(2, Space.MMIO, 0x100F) == "coalesced@0x1000"
+    assert n.name(2, Space.MMIO, 0x1010) == "mmio@0x1010"
+    assert n.name(1, Space.MMIO, 0x1000) == "mmio@0x1000"
