@@ -100,6 +100,20 @@ struct zone_set {
 	struct zone zone[ZONE_SLOTS];
 };
 
+/* Every registration ever seen, never removed: the agent names regions by
+ * the doorbell or zone an address belonged to, even after a deassign. */
+struct reg_record {
+	u32 pid;
+	u32 vm;
+	u64 addr;
+	u32 size;
+	u8 space;
+	u8 kind;        /* REG_IOEVENTFD / REG_ZONE */
+	u16 pad;
+};
+#define REG_IOEVENTFD 1
+#define REG_ZONE 2
+
 /* struct kvm_ioeventfd and struct kvm_coalesced_mmio_zone (uapi) */
 struct ioctl_ioeventfd {
 	u64 datamatch;
@@ -167,6 +181,7 @@ BPF_HASH(vms, u32, struct vm_info, MAX_VMS);
 BPF_HASH(targets, u32, u8, MAX_TARGETS);       /* tgids to trace when filtering */
 BPF_HASH(ioeventfds, struct reg_key, struct ioeventfd_set, MAX_IOEVENTFD_ADDRS);
 BPF_HASH(zones, struct vm_key, struct zone_set, MAX_VMS);
+BPF_HASH(reg_history, struct reg_record, u8, MAX_REG_HISTORY);
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 /* [0] filter on: only tgids in targets; [1] registration generation;
  * [2] next vm serial */
@@ -569,6 +584,15 @@ static __always_inline void bump_reg_gen(void)
 		__sync_fetch_and_add(g, 1);
 }
 
+static __always_inline void remember(u32 pid, u32 vm, u8 kind, u8 space, u64 addr,
+				     u32 size)
+{
+	struct reg_record r = {.pid = pid, .vm = vm, .addr = addr, .size = size,
+			       .space = space, .kind = kind};
+	u8 one = 1;
+	reg_history.update(&r, &one);
+}
+
 static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
 {
 	struct ioctl_ioeventfd *a = &s->ioctl_arg.ioeventfd;
@@ -613,6 +637,7 @@ static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
 			e->wildcard = wildcard;
 			e->used = 1;
 			bump_reg_gen();
+			remember(pid, s->vm, REG_IOEVENTFD, rk.space, a->addr, a->len);
 			return;
 		}
 	}
@@ -655,6 +680,8 @@ static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
 	}
 	if (add && !placed)
 		bump(CNT_DROPPED_REGS, 1);
+	if (placed)
+		remember(pid, s->vm, REG_ZONE, pio ? SPACE_PIO : SPACE_MMIO, a->addr, a->size);
 	bump_reg_gen();
 }
 

@@ -22,6 +22,7 @@ MAP_SIZES = {
     "MAX_IOEVENTFD_ADDRS": 4096,
     "IOEVENTFD_SLOTS": 16,
     "ZONE_SLOTS": 16,
+    "MAX_REG_HISTORY": 8192,
 }
 
 # Order of the counters map (CNT_* in the BPF source).
@@ -29,6 +30,7 @@ COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambigu
             "unmatched_exits", "dropped_registrations", "dropped_vms")
 
 CFG_FILTER, CFG_REG_GEN = 0, 1
+REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
 
 
 def compile_flags(have_fast_mmio):
@@ -69,8 +71,9 @@ class RawSnapshot:
     latencies: dict = field(default_factory=dict)
     vms: dict = field(default_factory=dict)          # serial -> VmInfo
     counters: dict = field(default_factory=dict)
-    ioeventfds: list = field(default_factory=list)   # (serial, space, addr, len, datamatch|None)
-    zones: list = field(default_factory=list)        # (serial, space, addr, size)
+    # Every ioeventfd / coalesced zone registered while tracing, including
+    # ones removed since: (vm serial, kind, space, addr, size).
+    registrations: list = field(default_factory=list)
 
 
 def preflight():
@@ -140,16 +143,9 @@ class Tracer:
                                         v.comm.decode(errors="replace"))
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf["counters"][ctypes.c_int(i)])
-        for k, v in self.bpf["ioeventfds"].items():
-            for slot in v.slot:
-                if slot.used:
-                    snap.ioeventfds.append((k.vm, keys.Space(k.space), k.addr, slot.len,
-                                            None if slot.wildcard else slot.datamatch))
-        for k, v in self.bpf["zones"].items():
-            for z in v.zone:
-                if z.used:
-                    snap.zones.append((k.vm, keys.Space.PIO if z.pio else keys.Space.MMIO,
-                                       z.addr, z.size))
+        for k in self.bpf["reg_history"].keys():
+            snap.registrations.append((k.vm, REG_KINDS[k.kind], keys.Space(k.space),
+                                       k.addr, k.size))
         return snap
 
     def close(self):

@@ -19,11 +19,14 @@ CONVENTIONAL_DEVICES = (
 
 
 class FallbackNamer:
-    """Names for one snapshot's registrations (per VM serial)."""
+    """Names from the registrations a snapshot holds: (vm serial, kind,
+    space, addr, size), kind "ioeventfd" or "coalesced"."""
 
-    def __init__(self, ioeventfds=(), zones=()):
-        self.doorbells = {(vm, space, addr) for vm, space, addr, _, _ in ioeventfds}
-        self.zones = list(zones)
+    def __init__(self, registrations=()):
+        self.doorbells = {(vm, space, addr) for vm, kind, space, addr, _ in registrations
+                          if kind == "ioeventfd"}
+        self.zones = [(vm, space, addr, size) for vm, kind, space, addr, size in registrations
+                      if kind == "coalesced"]
 
     def name(self, vm, space, addr):
         if (vm, space, addr) in self.doorbells:

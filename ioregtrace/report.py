@@ -62,7 +62,7 @@ def latency_of(stats):
 
 
 def build(snapshot, duration_s):
-    namer = FallbackNamer(snapshot.ioeventfds, snapshot.zones)
+    namer = FallbackNamer(snapshot.registrations)
     rows = []
     for (vm, key), count in snapshot.accesses.items():
         info = snapshot.vms.get(vm)

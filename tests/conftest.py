@@ -46,3 +46,59 @@ def tracing_host():
         if REQUIRE_INTEGRATION:
             pytest.fail(f"integration prerequisite missing: {problem}")
         pytest.skip(problem)
+
+
+class Watched:
+    """A child process whose stderr lines are collected as they come, so a
+    test can wait for "tracing ..." or "ready" without deadlocking."""
+
+    def __init__(self, argv, **kwargs):
+        import queue
+        import threading
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, **kwargs)
+        self.lines = []
+        self._queue = queue.Queue()
+
+        def pump():
+            for line in self.proc.stderr:
+                self._queue.put(line)
+            self._queue.put(None)
+        threading.Thread(target=pump, daemon=True).start()
+
+    def wait_for(self, text, timeout=60):
+        import queue
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines:
+                if text in line:
+                    return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {text!r} on stderr in {timeout} s: {self.lines}")
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"process ended without {text!r}: {self.lines}")
+            self.lines.append(line)
+
+    def finish(self, timeout=60):
+        rc = self.proc.wait(timeout=timeout)
+        while True:
+            line = self._queue.get(timeout=5)
+            if line is None:
+                return rc
+            self.lines.append(line)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def count_rows(doc, pid=None):
+    """{(space, address, size, op, path): count} of a stat/truth document."""
+    return {(r["space"], r["address"], r["size"], r["op"], r["path"]): r["count"]
+            for r in doc["rows"] if pid is None or r["pid"] == pid}

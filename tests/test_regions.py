@@ -19,8 +19,8 @@ def test_space_matters():
 
 
 def test_registrations_are_per_vm_and_win_over_conventions():
-    n = FallbackNamer(ioeventfds=[(1, Space.PIO, 0x40, 1, None)],
-                      zones=[(2, Space.MMIO, 0x1000, 0x10)])
+    n = FallbackNamer([(1, "ioeventfd", Space.PIO, 0x40, 1),
+                       (2, "coalesced", Space.MMIO, 0x1000, 0x10)])
     assert n.name(1, Space.PIO, 0x40) == "ioeventfd@0x40"
     assert n.name(2, Space.PIO, 0x40) == "pit"
     assert n.name(2, Space.MMIO, 0x100F) == "coalesced@0x1000"

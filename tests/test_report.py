@@ -86,14 +86,15 @@ def test_vm_created_before_attach_is_explained():
 def test_registrations_name_regions():
     snap = snapshot(accesses={(1, key(0x2000, path=Path.IOEVENTFD)): 1,
                               (1, key(0x3008, path=Path.COALESCED)): 1,
-                              (1, key(0x3008, path=Path.COALESCED, pid=43)): 1},
-                    ioeventfds=[(1, Space.MMIO, 0x2000, 4, None)],
-                    zones=[(1, Space.MMIO, 0x3000, 0x100)])
+                              (2, key(0x3008, path=Path.COALESCED, pid=43)): 1},
+                    registrations=[(1, "ioeventfd", Space.MMIO, 0x2000, 4),
+                                   (1, "coalesced", Space.MMIO, 0x3000, 0x100)])
     snap.vms[2] = VmInfo(43, 2, True, "other")
     rows = report.build(snap, 1.0).rows
     names = {(r.key.pid, r.key.address): r.region for r in rows}
     assert names[(42, 0x2000)] == "ioeventfd@0x2000"
     assert names[(42, 0x3008)] == "coalesced@0x3000"
+    assert names[(43, 0x3008)] == "mmio@0x3008"       # another VM's zone
 
 
 def test_table_of_nothing_says_so():
