@@ -92,9 +92,10 @@ class Tracer:
 
     def __init__(self, pids=None):
         preflight()
-        path, how = headers.find(build=True)
+        path, _ = headers.find(build=True)
         if path is None:
-            raise UserError(f"kernel headers for BCC: {how}; fix: ioregtrace doctor --fix")
+            check = requirements.check_headers()
+            raise UserError(f"{check.name}: {check.detail}; fix: {check.fix}")
         if path != headers.running_build_dir():
             os.environ["BCC_KERNEL_SOURCE"] = path
         self.have_fast_mmio = requirements.tracepoint_exists("kvm", "kvm_fast_mmio")

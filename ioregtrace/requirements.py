@@ -58,7 +58,7 @@ def check_privileges():
     detail = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
     return Check("privileges (CAP_BPF + CAP_PERFMON, or root)", ok,
                  detail if ok else f"{detail} without CAP_BPF/CAP_PERFMON",
-                 fix="run as root (sudo ioregtrace ...)")
+                 fix="run as root (sudo ioregtrace ...), or grant CAP_BPF and CAP_PERFMON")
 
 
 def _is_mounted(path, fstype):
@@ -146,6 +146,9 @@ def check_headers():
     path, how = headers.find(build=False)
     if path:
         return Check("kernel headers for BCC", True, f"{path} ({how})")
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return Check("kernel headers for BCC", False, how,
+                     fix="unset BCC_KERNEL_SOURCE, or point it at a kernel header tree")
     if headers.installed_debian_pairs():
         return Check("kernel headers for BCC", False, how,
                      fix="ioregtrace doctor --fix (merges the installed packages)",

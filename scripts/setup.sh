@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv
-PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux)
+# BCC and its interpreter; QEMU for the QEMU tests; binutils, gcc and the
+# uapi headers for the tests that check our x86 encoder and KVM ABI copy.
+PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux binutils gcc
+	libc6-dev linux-libc-dev util-linux)
 
 log() { echo "setup: $*"; }
 

@@ -1,0 +1,63 @@
+"""Errors that need the real host to provoke: missing privileges, missing
+mounts (in a private mount namespace), no /dev/kvm."""
+
+import shutil
+
+import pytest
+
+from conftest import IOREGTRACE
+from test_errors import one_line_error
+
+import subprocess
+
+pytestmark = pytest.mark.integration
+
+
+def run(argv):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_without_capabilities(tracing_host):
+    """uid 0 but an empty capability set: what a container or a non-root
+    user without CAP_BPF/CAP_PERFMON sees."""
+    res = run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", IOREGTRACE,
+               "stat", "-d", "1"])
+    line = one_line_error(res)
+    assert "privileges" in line and "CAP_BPF" in line and "sudo" in line
+
+
+def _in_private_mounts(script):
+    assert shutil.which("unshare")
+    return run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+
+
+def test_unmounted_tracefs_is_named_and_doctor_fix_mounts_it(tracing_host):
+    res = _in_private_mounts(
+        "umount -l /sys/kernel/tracing; umount -l /sys/kernel/debug; "
+        f"{IOREGTRACE} stat -d 1")
+    line = one_line_error(res)
+    assert "debugfs mounted at /sys/kernel/debug: not mounted" in line
+    assert "mount -t debugfs none /sys/kernel/debug" in line
+
+    res = _in_private_mounts(
+        "umount -l /sys/kernel/tracing; umount -l /sys/kernel/debug; "
+        f"{IOREGTRACE} doctor; echo before=$?; {IOREGTRACE} doctor --fix; echo after=$?")
+    assert "before=1" in res.stdout and "after=0" in res.stdout, res.stdout
+    assert "[missing] tracefs mounted at /sys/kernel/tracing" in res.stdout
+    assert "[ok     ] tracefs mounted at /sys/kernel/tracing" in res.stdout
+
+
+def test_demo_without_dev_kvm(tracing_host):
+    res = _in_private_mounts(f"mount -t tmpfs none /dev && exec {IOREGTRACE} demo")
+    line = one_line_error(res)
+    assert "demo VMM needs /dev/kvm" in line
+
+
+def test_doctor_reports_every_requirement(tracing_host):
+    res = run([IOREGTRACE, "doctor"])
+    assert res.returncode == 0, res.stdout
+    for name in ("privileges", "debugfs", "tracefs", "tracepoint kvm:kvm_mmio",
+                 "tracepoint kvm:kvm_pio", "tracepoint kvm:kvm_userspace_exit",
+                 "tracepoint syscalls:sys_enter_ioctl", "tracepoint syscalls:sys_exit_ioctl",
+                 "BCC python module", "kernel headers for BCC", "/dev/kvm"):
+        assert name in res.stdout

@@ -1,0 +1,52 @@
+"""How `stat` starts and stops: CMD's exit status, children of CMD,
+Ctrl-C / SIGTERM still printing what was gathered, -d."""
+
+import signal
+
+import pytest
+
+from conftest import IOREGTRACE, Watched, count_rows, load_json, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_exit_status_of_cmd_is_returned_after_printing(tracing_host):
+    res = run_cli("stat", "--", "sh", "-c", "echo child-output; exit 3")
+    assert res.returncode == 3, res.stderr
+    assert res.stdout.startswith("child-output\n")
+    assert "Total: 0 accesses" in res.stdout
+
+
+def test_vmm_started_by_a_wrapper_is_traced_from_its_start(tracing_host, tmp_path):
+    truth, out = tmp_path / "truth.json", tmp_path / "stat.json"
+    script = f"{IOREGTRACE} demo --scale 0.3 --delay-us 100 --truth {truth} && exit 0"
+    res = run_cli("stat", "--json", "-o", str(out), "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    stat, truth = load_json(out), load_json(truth)
+    assert count_rows(stat) == count_rows(truth)
+    assert stat["notes"] == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_still_prints_what_was_gathered(tracing_host, tmp_path, sig):
+    """Tracing every VM on the host (no -p, no CMD) until interrupted."""
+    truth, out = tmp_path / "truth.json", tmp_path / "stat.json"
+    stat = Watched([IOREGTRACE, "stat", "--json", "-o", str(out)])
+    try:
+        stat.wait_for("tracing every KVM VM")
+        demo = run_cli("demo", "--scale", "0.3", "--delay-us", "100", "--truth", str(truth))
+        assert demo.returncode == 0, demo.stderr
+        stat.proc.send_signal(sig)
+        assert stat.finish() == 0, stat.lines
+    finally:
+        stat.kill()
+    truth = load_json(truth)
+    pid = truth["rows"][0]["pid"]
+    assert count_rows(load_json(out), pid) == count_rows(truth)
+
+
+def test_duration_ends_the_session(tracing_host, tmp_path):
+    out = tmp_path / "stat.json"
+    res = run_cli("stat", "-d", "1", "--json", "-o", str(out), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert 1.0 <= load_json(out)["duration_s"] < 5.0

@@ -1,0 +1,100 @@
+"""Errors a user can cause or fix: one line on stderr, exit 1 (usage
+errors: 2), never a traceback.  These need no BPF."""
+
+import os
+
+import pytest
+
+from conftest import IOREGTRACE, run_cli
+from ioregtrace import cli, requirements
+
+pytestmark = pytest.mark.skipif(not os.path.exists(IOREGTRACE),
+                                reason="console script not installed (make setup)")
+
+
+def one_line_error(res, code=1):
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("ioregtrace: error: ")
+    return lines[0]
+
+
+def free_pid():
+    pid = 4_000_000
+    while os.path.exists(f"/proc/{pid}"):
+        pid -= 1
+    return pid
+
+
+def test_unknown_pid():
+    pid = free_pid()
+    assert f"no process with pid {pid}" in one_line_error(run_cli("stat", "-p", str(pid)))
+
+
+def test_command_not_found_on_path():
+    line = one_line_error(run_cli("stat", "--", "no-such-command-ioregtrace"))
+    assert "command not found: no-such-command-ioregtrace" in line
+
+
+def test_command_path_not_executable(tmp_path):
+    script = tmp_path / "vmm.sh"
+    script.write_text("#!/bin/sh\n")
+    line = one_line_error(run_cli("stat", "--", str(script)))
+    assert f"not executable: {script}" in line
+
+
+def test_bad_duration():
+    assert "must be > 0" in one_line_error(run_cli("stat", "-d", "0"))
+
+
+def test_usage_errors_are_one_line_with_a_pointer_to_help():
+    line = one_line_error(run_cli("stat", "--bogus"), code=2)
+    assert "--bogus" in line and "ioregtrace stat --help" in line
+    line = one_line_error(run_cli("stat", "--"), code=2)
+    assert "must be followed by a command" in line
+    line = one_line_error(run_cli("demo", "--set", "inline-read=x"), code=2)
+    assert "expected NAME=COUNT" in line
+
+
+def test_unknown_demo_block():
+    line = one_line_error(run_cli("demo", "--set", "nosuch=5"))
+    assert "unknown demo block 'nosuch'" in line and "forward-read" in line
+
+
+def test_explicit_header_tree_without_includes(tmp_path):
+    env = dict(os.environ, BCC_KERNEL_SOURCE=str(tmp_path))
+    res = run_cli("stat", "-d", "1", env=env)
+    if res.returncode == 1 and "privileges" in res.stderr:
+        pytest.skip("not root: the privilege check comes first")
+    line = one_line_error(res)
+    assert f"BCC_KERNEL_SOURCE={tmp_path} has no include/" in line
+    assert "unset BCC_KERNEL_SOURCE" in line
+
+
+def test_missing_tracepoint_names_it_and_doctor(monkeypatch, capsys):
+    ok = requirements.Check("x", True, "")
+    monkeypatch.setattr(requirements, "check_privileges", lambda: ok)
+    monkeypatch.setattr(requirements, "check_mounts", lambda: [ok])
+    monkeypatch.setattr(requirements, "tracing_root", lambda: "/nonexistent")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["stat", "-d", "1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "tracepoint kvm:kvm_mmio: absent from this kernel" in err[0]
+    assert "modprobe" in err[0] and "ioregtrace doctor" in err[0]
+
+
+def test_missing_bcc_says_how_to_get_it(monkeypatch, capsys):
+    ok = requirements.Check("x", True, "")
+    monkeypatch.setattr(requirements, "check_privileges", lambda: ok)
+    monkeypatch.setattr(requirements, "check_mounts", lambda: [ok])
+    monkeypatch.setattr(requirements, "check_tracepoints", lambda: [ok])
+    monkeypatch.setitem(__import__("sys").modules, "bcc", None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["stat", "-d", "1"])
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "BCC python module" in line and "python3-bpfcc" in line
