@@ -34,7 +34,7 @@
 #define CNT_LOST_EVENTS 2       /* events not processed: no per-thread state */
 #define CNT_ATTACH_AMBIGUOUS 3  /* reads right after an unseen exit, at attach */
 #define CNT_UNMATCHED_EXITS 4   /* MMIO exits with no traced access before them */
-#define CNT_DROPPED_REGS 5      /* registrations that did not fit the tables */
+#define CNT_DROPPED_REGISTRATIONS 5 /* registrations that did not fit the tables */
 #define CNT_DROPPED_VMS 6       /* VMM processes that did not fit the vms map */
 #define NR_COUNTERS 8
 
@@ -625,7 +625,7 @@ static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
 		return;
 	set = ioeventfds.lookup_or_try_init(&rk, empty);
 	if (!set) {
-		bump(CNT_DROPPED_REGS, 1);
+		bump(CNT_DROPPED_REGISTRATIONS, 1);
 		return;
 	}
 #pragma unroll
@@ -641,7 +641,7 @@ static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
 			return;
 		}
 	}
-	bump(CNT_DROPPED_REGS, 1);
+	bump(CNT_DROPPED_REGISTRATIONS, 1);
 }
 
 static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
@@ -655,7 +655,7 @@ static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
 	struct zone_set *zs = add ? zones.lookup_or_try_init(&vk, empty) : zones.lookup(&vk);
 	if (!zs) {
 		if (add)
-			bump(CNT_DROPPED_REGS, 1);
+			bump(CNT_DROPPED_REGISTRATIONS, 1);
 		return;
 	}
 	u8 pio = a->pio ? 1 : 0;
@@ -679,7 +679,7 @@ static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
 		}
 	}
 	if (add && !placed)
-		bump(CNT_DROPPED_REGS, 1);
+		bump(CNT_DROPPED_REGISTRATIONS, 1);
 	if (placed)
 		remember(pid, s->vm, REG_ZONE, pio ? SPACE_PIO : SPACE_MMIO, a->addr, a->size);
 	bump_reg_gen();

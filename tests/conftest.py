@@ -102,3 +102,15 @@ def count_rows(doc, pid=None):
     """{(space, address, size, op, path): count} of a stat/truth document."""
     return {(r["space"], r["address"], r["size"], r["op"], r["path"]): r["count"]
             for r in doc["rows"] if pid is None or r["pid"] == pid}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under `make test` a skipped test is a failure: CI must run them all."""
+    if not REQUIRE_INTEGRATION:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped and session.exitstatus == 0:
+        reporter.write_line(f"{len(skipped)} test(s) skipped under make test: failing the run",
+                            red=True)
+        session.exitstatus = 1
