@@ -77,6 +77,19 @@ def build(snapshot, duration_s):
                   diagnostics=dict(c), notes=notes_for(snapshot, rows))
 
 
+# BPF counters that need a sentence when they are not zero.
+COUNTER_NOTES = (
+    ("attach_ambiguous", "{n} read(s) right after attach may complete exits ioregtrace "
+                         "did not see; not counted"),
+    ("unmatched_exits", "{n} userspace exit(s) had no traced access before them (an "
+                        "access KVM split in two, or begun before attach)"),
+    ("dropped_latency", "{n} latency sample(s) dropped: latency map full"),
+    ("dropped_registrations", "{n} registration(s) did not fit the tracer's tables; "
+                              "their accesses may show as kernel"),
+    ("dropped_vms", "{n} VM process(es) did not fit the vms map; not traced"),
+)
+
+
 def notes_for(snapshot, rows):
     """What the numbers cannot say by themselves, in words."""
     notes = []
@@ -88,19 +101,8 @@ def notes_for(snapshot, rows):
                 "attached, so in-kernel writes to handlers registered before then "
                 "(ioeventfd, coalesced or kvm.ko device) are shown as path "
                 f"'{Path.UNATTRIBUTED}'")
-    c = snapshot.counters
-    if c.get("attach_ambiguous"):
-        notes.append(f"{c['attach_ambiguous']} read(s) right after attach may complete "
-                     "exits ioregtrace did not see; not counted")
-    if c.get("unmatched_exits"):
-        notes.append(f"{c['unmatched_exits']} userspace exit(s) had no traced access "
-                     "before them (an access KVM split in two, or begun before attach)")
-    if c.get("dropped_latency"):
-        notes.append(f"{c['dropped_latency']} latency sample(s) dropped: latency map full")
-    if c.get("dropped_registrations"):
-        notes.append(f"{c['dropped_registrations']} registration(s) did not fit the "
-                     "tracer's tables; their accesses may show as kernel")
-    if c.get("dropped_vms"):
-        notes.append(f"{c['dropped_vms']} VM process(es) did not fit the vms map; "
-                     "not traced")
+    for counter, text in COUNTER_NOTES:
+        n = snapshot.counters.get(counter)
+        if n:
+            notes.append(text.format(n=n))
     return notes
