@@ -12,12 +12,10 @@ It records its own truth, independently of any tracer:
 
 import collections
 import ctypes
-import errno
 import fcntl
+import math
 import mmap
 import os
-import select
-import signal
 import struct
 import threading
 import time
@@ -81,6 +79,10 @@ class ForwardingDevice:
             os.close(fd)
 
 
+def _nearest_rank(ordered, q):
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 class Truth:
     """The VMM's own account, keyed like ioregtrace's rows."""
 
@@ -105,9 +107,9 @@ class Truth:
             samples = sorted(self.latency_ns.get(key, ()))
             latency = None
             if samples:
-                def pct(q):
-                    return samples[min(len(samples) - 1, int(q * len(samples)))] / 1000.0
-                latency = {"p50": pct(0.50), "p99": pct(0.99), "max": samples[-1] / 1000.0}
+                latency = {"p50": _nearest_rank(samples, 0.50) / 1000.0,
+                           "p99": _nearest_rank(samples, 0.99) / 1000.0,
+                           "max": samples[-1] / 1000.0}
             rows.append({"pid": key.pid, "comm": comm, "space": str(key.space),
                          "address": key.address, "size": key.size, "op": str(key.op),
                          "path": str(key.path), "region": None,
@@ -131,7 +133,7 @@ class DemoVM:
         self.kernel_program = collections.Counter()
         self.exits = 0
         self.kvm_fd = self.vm_fd = self.vcpu_fd = -1
-        self.device = ForwardingDevice(delay_s)
+        self.device = None
         try:
             self.kvm_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -142,6 +144,7 @@ class DemoVM:
         self.has_coalesced_pio = _ioctl(self.kvm_fd, kvm.KVM_CHECK_EXTENSION,
                                         kvm.KVM_CAP_COALESCED_PIO) > 0
         self._create_vm()
+        self.device = ForwardingDevice(delay_s)
 
     # -- machine set-up ---------------------------------------------------
 
