@@ -15,9 +15,15 @@
  *    when userspace did.
  *  - Every return from KVM_RUN emits kvm_userspace_exit(reason, errno).
  * So each vCPU thread carries one "pending" access: if the next thing that
- * thread does is an MMIO/IO exit, the access went to userspace; otherwise
- * kvm.ko served it, and the registrations seen in the VM's ioctls
+ * thread does is an MMIO/IO exit for that access, it went to userspace;
+ * otherwise kvm.ko served it, and the registrations seen in the VM's ioctls
  * (ioeventfds, coalesced zones) say which handler did.
+ *
+ * Which access an exit is for is read from the exit itself: KVM fills the
+ * vCPU's struct kvm_run (mapped by the VMM at offset 0 of the vCPU fd)
+ * before kvm_userspace_exit fires.  Without that, an in-kernel PIO OUT
+ * followed by a PIO IN that exits (an RTC index/data pair) would look like
+ * the OUT exiting: a PIO IN emits no event before its exit.
  *
  * Compile-time constants (SPACE_*, OP_*, PATH_*, KVM_*, HIST_*, map sizes)
  * come from the Python loader, generated from ioregtrace/keys.py,
@@ -36,6 +42,7 @@
 #define CNT_UNMATCHED_EXITS 4   /* MMIO exits with no traced access before them */
 #define CNT_DROPPED_REGISTRATIONS 5 /* registrations that did not fit the tables */
 #define CNT_DROPPED_VMS 6       /* VMM processes that did not fit the vms map */
+#define CNT_INFERRED_EXITS 7    /* exits whose kvm_run could not be read */
 #define NR_COUNTERS 8
 
 struct access_key {
@@ -88,6 +95,11 @@ struct vm_key {
 	u32 vm;
 };
 
+struct fd_key {
+	u32 pid;
+	u32 fd;
+};
+
 struct zone {
 	u64 addr;
 	u32 size;
@@ -129,6 +141,34 @@ struct ioctl_zone {
 	u32 pio;
 };
 
+/* The start of struct kvm_run (uapi), up to the exit data we decode. */
+struct kvm_run_head {
+	u8 request_interrupt_window;
+	u8 immediate_exit;
+	u8 padding1[6];
+	u32 exit_reason;
+	u8 ready_for_interrupt_injection;
+	u8 if_flag;
+	u16 flags;
+	u64 cr8;
+	u64 apic_base;
+	union {
+		struct {
+			u8 direction;   /* KVM_EXIT_IO_IN 0, KVM_EXIT_IO_OUT 1 */
+			u8 size;
+			u16 port;
+			u32 count;
+			u64 data_offset;
+		} io;
+		struct {
+			u64 phys_addr;
+			u8 data[8];
+			u32 len;
+			u8 is_write;
+		} mmio;
+	};
+};
+
 /* Per-thread state.  Lives in task storage: freed with the thread. */
 struct thread_state {
 	u32 vm;
@@ -140,9 +180,14 @@ struct thread_state {
 	u8 pending;             /* pend_key holds an access awaiting its path */
 	u8 exit_kind;           /* EXIT_* below */
 	u8 await_mmio_read;     /* next kvm_mmio READ at await_addr is a completion */
-	u8 await_pio_in;        /* next kvm_pio IN is the userspace IN that exited */
+	u8 await_pio_in;        /* next kvm_pio IN: the userspace IN that exited */
+	u8 skip_pio_in;         /* next kvm_pio IN completes an IN already counted */
+	u8 mmap_vcpu;           /* an mmap of a vCPU fd is between enter and exit */
+	u32 mmap_fd;
 	u32 pend_count;
 	struct access_key pend_key;     /* path = the in-kernel candidate */
+
+	u64 run_addr;           /* this thread's struct kvm_run, 0: unknown */
 
 	u64 exit_ts;
 	struct access_key exit_key;
@@ -171,7 +216,9 @@ struct thread_state {
 #define EXIT_PIO_IN 2           /* IN went out; its key arrives with kvm_pio */
 
 BPF_TASK_STORAGE(threads, struct thread_state);
-BPF_HASH(accesses, struct access_key, u64, MAX_ACCESS_KEYS);
+/* Large and allocated on first use: a framebuffer alone brings tens of
+ * thousands of distinct addresses, an idle VM a handful. */
+BPF_F_TABLE("hash", struct access_key, u64, accesses, MAX_ACCESS_KEYS, BPF_F_NO_PREALLOC);
 BPF_HASH(latencies, struct access_key, struct latency, MAX_LATENCY_KEYS);
 /* Zeroed templates for new map values: too big for the 512-byte stack. */
 BPF_PERCPU_ARRAY(latency_zero, struct latency, 1);
@@ -182,6 +229,9 @@ BPF_HASH(targets, u32, u8, MAX_TARGETS);       /* tgids to trace when filtering 
 BPF_HASH(ioeventfds, struct reg_key, struct ioeventfd_set, MAX_IOEVENTFD_ADDRS);
 BPF_HASH(zones, struct vm_key, struct zone_set, MAX_VMS);
 BPF_HASH(reg_history, struct reg_record, u8, MAX_REG_HISTORY);
+/* vCPU fds of traced VMMs -> where their struct kvm_run is mapped (0 until
+ * the mmap is seen; the agent fills in VMs that existed before attach). */
+BPF_HASH(vcpu_runs, struct fd_key, u64, MAX_VCPUS);
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 /* [0] filter on: only tgids in targets; [1] registration generation;
  * [2] next vm serial */
@@ -485,6 +535,8 @@ RAW_TRACEPOINT_PROBE(kvm_pio)
 		u64 val = read_value((const void *)ctx->args[4], size);
 		u8 path = classify_write(s, pid, SPACE_PIO, port, size, val);
 		set_pending(s, pid, SPACE_PIO, port, size, OP_WRITE, path, count);
+	} else if (s->skip_pio_in) {
+		s->skip_pio_in = 0;              /* completion of a counted IN */
 	} else if (s->await_pio_in) {
 		struct access_key k = {.pid = pid, .vm = s->vm, .addr = port,
 				       .space = SPACE_PIO, .op = OP_READ,
@@ -515,6 +567,103 @@ RAW_TRACEPOINT_PROBE(kvm_fast_mmio)
 }
 #endif
 
+/* The access an MMIO/IO exit is for, from the vCPU's kvm_run.  Returns 0
+ * when it cannot be read (mapping unknown: a VM attached to mid-way, or a
+ * VMM that reads kvm_run some other way). */
+static __always_inline int decode_exit(struct thread_state *s, u32 reason,
+				       struct access_key *k, u32 *count)
+{
+	struct kvm_run_head run;
+	if (!s->run_addr ||
+	    bpf_probe_read_user(&run, sizeof(run), (void *)s->run_addr) ||
+	    run.exit_reason != reason)
+		return 0;
+	if (reason == KVM_EXIT_IO) {
+		k->space = SPACE_PIO;
+		k->addr = run.io.port;
+		k->size = run.io.size;
+		k->op = run.io.direction ? OP_WRITE : OP_READ;
+		*count = run.io.count;
+	} else {
+		k->space = SPACE_MMIO;
+		k->addr = run.mmio.phys_addr;
+		k->size = run.mmio.len;
+		k->op = run.mmio.is_write ? OP_WRITE : OP_READ;
+		*count = 1;
+	}
+	return 1;
+}
+
+/* An exit to userspace for the access `k` (decoded from kvm_run). */
+static __always_inline void exit_decoded(struct thread_state *s, u32 pid,
+					 struct access_key *k, u32 count)
+{
+	if (s->pending && s->pend_key.space == k->space && s->pend_key.addr == k->addr &&
+	    s->pend_key.op == k->op) {
+		/* The traced access itself went out (count: string PIO). */
+		s->pending = 0;
+		s->pend_key.path = PATH_USERSPACE;
+		count_access(&s->pend_key, s->pend_count);
+		s->exit_key = s->pend_key;
+		s->exit_kind = EXIT_KEYED;
+		if (k->space == SPACE_MMIO && k->op == OP_READ) {
+			s->await_mmio_read = 1;
+			s->await_addr = k->addr;
+		}
+		s->synced = 1;
+		return;
+	}
+	/* Whatever was pending stayed in the kernel; this exit is another
+	 * access, one that emits no event before exiting. */
+	settle_in_kernel(s);
+	if (k->space == SPACE_PIO && k->op == OP_READ && s->synced) {
+		/* A PIO IN: count it now; its kvm_pio comes with the data on
+		 * re-entry and is only a completion. */
+		k->pid = pid;
+		k->vm = s->vm;
+		k->path = PATH_USERSPACE;
+		k->pad = 0;
+		count_access(k, count);
+		s->exit_key = *k;
+		s->exit_kind = EXIT_KEYED;
+		s->skip_pio_in = 1;
+		return;
+	}
+	/* The second half of an access KVM split in two, or (on a thread not
+	 * yet synced) an access begun before attach.  The thread stays
+	 * unsynced, so a read completing this exit is reported as ambiguous,
+	 * not as a kernel read. */
+	s->exit_kind = EXIT_NONE;
+	bump(CNT_UNMATCHED_EXITS, 1);
+}
+
+/* Without kvm_run: the exit is for the pending access if the bus matches;
+ * an IO exit with nothing pending can only be an IN. */
+static __always_inline void exit_inferred(struct thread_state *s, u8 space, u32 reason)
+{
+	bump(CNT_INFERRED_EXITS, 1);
+	if (s->pending && s->pend_key.space == space) {
+		s->pending = 0;
+		s->pend_key.path = PATH_USERSPACE;
+		count_access(&s->pend_key, s->pend_count);
+		s->exit_key = s->pend_key;
+		s->exit_kind = EXIT_KEYED;
+		if (space == SPACE_MMIO && s->pend_key.op == OP_READ) {
+			s->await_mmio_read = 1;
+			s->await_addr = s->pend_key.addr;
+		}
+		s->synced = 1;
+		return;
+	}
+	settle_in_kernel(s);
+	if (reason == KVM_EXIT_IO && s->synced) {
+		s->exit_kind = EXIT_PIO_IN;
+	} else {
+		s->exit_kind = EXIT_NONE;
+		bump(CNT_UNMATCHED_EXITS, 1);
+	}
+}
+
 /* TP_PROTO(__u32 reason, int errno): the end of every KVM_RUN. */
 RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 {
@@ -523,35 +672,15 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 		return 0;
 	u32 reason = ctx->args[0];
 	int err = ctx->args[1];
-	u8 space = reason == KVM_EXIT_MMIO ? SPACE_MMIO : SPACE_PIO;
 
 	if (err == 0 && (reason == KVM_EXIT_MMIO || reason == KVM_EXIT_IO)) {
+		struct access_key k = {};
+		u32 count = 1;
 		s->exit_ts = bpf_ktime_get_ns();
-		if (s->pending && s->pend_key.space == space) {
-			s->pending = 0;
-			s->pend_key.path = PATH_USERSPACE;
-			count_access(&s->pend_key, s->pend_count);
-			s->exit_key = s->pend_key;
-			s->exit_kind = EXIT_KEYED;
-			if (space == SPACE_MMIO && s->pend_key.op == OP_READ) {
-				s->await_mmio_read = 1;
-				s->await_addr = s->pend_key.addr;
-			}
-			s->synced = 1;
-			return 0;
-		}
-		settle_in_kernel(s);
-		if (reason == KVM_EXIT_IO && s->synced) {
-			/* An IN: kvm_pio comes when KVM_RUN is re-entered. */
-			s->exit_kind = EXIT_PIO_IN;
-		} else {
-			/* The second half of an access KVM split in two, or (on a
-			 * thread not yet synced) an access begun before attach.
-			 * The thread stays unsynced, so a read completing this
-			 * exit is reported as ambiguous, not as a kernel read. */
-			s->exit_kind = EXIT_NONE;
-			bump(CNT_UNMATCHED_EXITS, 1);
-		}
+		if (decode_exit(s, reason, &k, &count))
+			exit_decoded(s, bpf_get_current_pid_tgid() >> 32, &k, count);
+		else
+			exit_inferred(s, reason == KVM_EXIT_MMIO ? SPACE_MMIO : SPACE_PIO, reason);
 		return 0;
 	}
 	settle_in_kernel(s);
@@ -560,8 +689,12 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 	return 0;
 }
 
-static __always_inline void on_kvm_run(struct thread_state *s, u32 pid)
+static __always_inline void on_kvm_run(struct thread_state *s, u32 pid, u32 fd)
 {
+	struct fd_key fk = {.pid = pid, .fd = fd};
+	u64 *run = vcpu_runs.lookup(&fk);
+	s->run_addr = run ? *run : 0;
+
 	/* Userspace dispatch latency, per access: from kvm_userspace_exit to
 	 * the next KVM_RUN call on the same thread, i.e. the time the VMM took
 	 * to handle the exit (including any wait for a device thread). */
@@ -689,14 +822,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
 	u32 cmd = args->cmd;
 	if (cmd != KVM_RUN && cmd != KVM_IOEVENTFD && cmd != KVM_CREATE_VM &&
-	    cmd != KVM_REGISTER_COALESCED_MMIO && cmd != KVM_UNREGISTER_COALESCED_MMIO)
+	    cmd != KVM_CREATE_VCPU && cmd != KVM_REGISTER_COALESCED_MMIO &&
+	    cmd != KVM_UNREGISTER_COALESCED_MMIO)
 		return 0;
 	struct thread_state *s = thread();
 	if (!s)
 		return 0;
 	u32 pid = bpf_get_current_pid_tgid() >> 32;
 	if (cmd == KVM_RUN) {
-		on_kvm_run(s, pid);
+		on_kvm_run(s, pid, args->fd);
 		return 0;
 	}
 	if (!s->traced)
@@ -705,7 +839,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	if (cmd == KVM_IOEVENTFD)
 		bpf_probe_read_user(&s->ioctl_arg.ioeventfd, sizeof(s->ioctl_arg.ioeventfd),
 				    (void *)args->arg);
-	else if (cmd != KVM_CREATE_VM)
+	else if (cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU)
 		bpf_probe_read_user(&s->ioctl_arg.zone, sizeof(s->ioctl_arg.zone),
 				    (void *)args->arg);
 	return 0;
@@ -729,11 +863,45 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 		if (vi)
 			vi->complete = 1;
 		refresh(s, pid);
+	} else if (cmd == KVM_CREATE_VCPU) {
+		struct fd_key fk = {.pid = pid, .fd = args->ret};
+		u64 unmapped = 0;
+		vcpu_runs.update(&fk, &unmapped);
 	} else if (cmd == KVM_IOEVENTFD) {
 		apply_ioeventfd(s, pid);
 	} else {
 		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO);
 	}
+	return 0;
+}
+
+/* Where a vCPU's struct kvm_run is mapped: mmap(vcpu_fd, offset 0). */
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+	if (args->off != 0 || (long)args->fd < 0)
+		return 0;
+	struct fd_key fk = {.pid = bpf_get_current_pid_tgid() >> 32, .fd = args->fd};
+	if (!vcpu_runs.lookup(&fk))
+		return 0;
+	struct thread_state *s = thread();
+	if (!s)
+		return 0;
+	s->mmap_vcpu = 1;
+	s->mmap_fd = args->fd;
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
+{
+	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	if (!s || !s->mmap_vcpu)
+		return 0;
+	s->mmap_vcpu = 0;
+	if (args->ret < 0 && args->ret > -4096)
+		return 0;
+	struct fd_key fk = {.pid = bpf_get_current_pid_tgid() >> 32, .fd = s->mmap_fd};
+	u64 addr = args->ret;
+	vcpu_runs.update(&fk, &addr);
 	return 0;
 }
 

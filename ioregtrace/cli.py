@@ -134,8 +134,10 @@ def demo(truth, scale, sets, delay_us, wait_signal, churn, list_mix):
         except ValueError as e:
             raise UserError(str(e)) from None
         for b in blocks:
-            click.echo(f"{b.name:18} {str(b.space):4} {b.address:#12x} {b.size} "
-                       f"{str(b.op):5} x{b.accesses:<7} meant for {b.expect}")
+            for i, a in enumerate(b.body):
+                label = b.name if i == 0 else "  then"
+                click.echo(f"{label:18} {str(a.space):4} {a.address:#12x} {a.size} "
+                           f"{str(a.op):5} x{b.count * a.rep:<7} meant for {a.expect}")
         return
     try:
         run.run(scale=scale, counts=counts, delay_us=delay_us, wait_signal=wait_signal,

@@ -15,7 +15,7 @@ BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 # Fixed map sizes.  When one is full the BPF side counts what it dropped.
 MAP_SIZES = {
-    "MAX_ACCESS_KEYS": 16384,
+    "MAX_ACCESS_KEYS": 1 << 20,
     "MAX_LATENCY_KEYS": 2048,
     "MAX_VMS": 1024,
     "MAX_TARGETS": 8192,
@@ -23,11 +23,12 @@ MAP_SIZES = {
     "IOEVENTFD_SLOTS": 16,
     "ZONE_SLOTS": 16,
     "MAX_REG_HISTORY": 8192,
+    "MAX_VCPUS": 8192,
 }
 
 # Order of the counters map (CNT_* in the BPF source).
 COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambiguous",
-            "unmatched_exits", "dropped_registrations", "dropped_vms")
+            "unmatched_exits", "dropped_registrations", "dropped_vms", "inferred_exits")
 
 CFG_FILTER, CFG_REG_GEN = 0, 1
 REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
@@ -37,7 +38,7 @@ def compile_flags(have_fast_mmio):
     flags = ["-Wno-ignored-attributes", "-Wno-unused-function"]
     flags += keys.bpf_defines() + histogram.bpf_defines()
     flags += [f"-D{name}={value}" for name, value in MAP_SIZES.items()]
-    for name in ("KVM_RUN", "KVM_IOEVENTFD", "KVM_CREATE_VM",
+    for name in ("KVM_RUN", "KVM_IOEVENTFD", "KVM_CREATE_VM", "KVM_CREATE_VCPU",
                  "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO",
                  "KVM_EXIT_MMIO", "KVM_EXIT_IO", "KVM_IOEVENTFD_FLAG_PIO",
                  "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_DEASSIGN"):
@@ -114,9 +115,21 @@ class Tracer:
             for pid in pids:
                 self.add_target(pid)
             config[ctypes.c_int(CFG_FILTER)] = ctypes.c_uint64(1)
+        else:
+            for pid in running_pids():
+                self.learn_vcpus(pid)
 
     def add_target(self, pid):
         self.bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        self.learn_vcpus(pid)
+
+    def learn_vcpus(self, pid):
+        """vCPUs created before we attached: where each vCPU fd's kvm_run is
+        mapped, so their exits can be decoded too."""
+        runs = self.bpf["vcpu_runs"]
+        for fd, addr in vcpu_run_mappings(pid).items():
+            key = runs.Key(pid=pid, fd=fd)
+            runs[key] = ctypes.c_uint64(addr)
 
     def remove_target(self, pid):
         try:
@@ -127,6 +140,7 @@ class Tracer:
     def attached_probes(self):
         probes = ["kvm:kvm_mmio", "kvm:kvm_pio", "kvm:kvm_userspace_exit",
                   "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
+                  "syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap",
                   "sched:sched_process_fork", "sched:sched_process_exit"]
         if self.have_fast_mmio:
             probes.append("kvm:kvm_fast_mmio")
@@ -134,9 +148,9 @@ class Tracer:
 
     def snapshot(self):
         snap = RawSnapshot(taken=time.monotonic())
-        for k, v in self.bpf["accesses"].items():
-            snap.accesses[(k.vm, _access_key(k))] = v.value
-        for k, v in self.bpf["latencies"].items():
+        for k, v in _items(self.bpf["accesses"]):
+            snap.accesses[(k.vm, _access_key(k))] = getattr(v, "value", v)
+        for k, v in _items(self.bpf["latencies"]):
             snap.latencies[(k.vm, _access_key(k))] = LatencyStats(
                 v.count, v.sum_ns, v.max_ns, list(v.slots)[:histogram.SLOTS])
         for k, v in self.bpf["vms"].items():
@@ -151,6 +165,45 @@ class Tracer:
 
     def close(self):
         self.bpf.cleanup()
+
+
+def running_pids():
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def vcpu_run_mappings(pid):
+    """{vcpu fd: address of its kvm_run} of a running process, from
+    /proc/PID/fd (anon_inode:kvm-vcpu:N) and /proc/PID/maps (the mapping of
+    that inode at offset 0)."""
+    fds = {}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("anon_inode:kvm-vcpu:"):
+                fds.setdefault(target, []).append(int(fd))   # dup()s share it
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return {}
+    runs = {}
+    for line in maps:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5] in fds and int(parts[2], 16) == 0:
+            for fd in fds[parts[5]]:
+                runs.setdefault(fd, int(parts[0].split("-")[0], 16))
+    return runs
+
+
+def _items(table):
+    """All entries; one syscall per batch where the kernel can (5.6+), not
+    two per key."""
+    try:
+        return list(table.items_lookup_batch())
+    except Exception:       # older kernels: EINVAL/ENOTSUPP from the batch op
+        return list(table.items())
 
 
 def _access_key(k):

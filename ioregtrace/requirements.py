@@ -21,6 +21,8 @@ TRACEPOINTS = (
     ("kvm", "kvm_fast_mmio", False),      # VMX's EPT-misconfig fast path only
     ("syscalls", "sys_enter_ioctl", True),
     ("syscalls", "sys_exit_ioctl", True),
+    ("syscalls", "sys_enter_mmap", True),
+    ("syscalls", "sys_exit_mmap", True),
     ("sched", "sched_process_fork", True),
     ("sched", "sched_process_exit", True),
 )

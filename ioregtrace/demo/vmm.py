@@ -167,6 +167,7 @@ class DemoVM:
         run_size = _ioctl(self.kvm_fd, kvm.KVM_GET_VCPU_MMAP_SIZE)
         self.run = mmap.mmap(self.vcpu_fd, run_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run[0] = 0    # request_interrupt_window = 0, as a VMM sets it before KVM_RUN
         # KVM_CAP_COALESCED_MMIO answers with the ring's page offset in the
         # vCPU mapping (2 on x86: page 1 holds the PIO data).
         ring_page = _ioctl(self.kvm_fd, kvm.KVM_CHECK_EXTENSION, kvm.KVM_CAP_COALESCED_MMIO)
@@ -240,35 +241,38 @@ class DemoVM:
         for block in blocks:
             if block.count == 0:
                 continue
-            if block.space == Space.MMIO:
-                if block.op == Op.WRITE:
-                    code.mov_imm(0, block.value)
-                    code.loop(block.count, lambda b=block: code.store(b.address, b.size))
-                else:
-                    code.loop(block.count, lambda b=block: code.load(b.address, b.size))
-            elif block.rep > 1:
-                code.mov_imm(2, block.address)
-                if block.op == Op.WRITE:
-                    def body(b=block):
-                        code.mov_imm(6, OUTS_BUF)
-                        code.mov_imm(1, b.rep)
-                        code.rep_outs(b.size)
-                else:
-                    def body(b=block):
-                        code.mov_imm(7, INS_BUF)
-                        code.mov_imm(1, b.rep)
-                        code.rep_ins(b.size)
-                code.loop(block.count, body)
+            code.loop(block.count, lambda b=block: [self._emit_access(code, a)
+                                                    for a in b.body])
+            if not record:
+                continue
+            for a in block.body:
+                if a.expect == Path.KERNEL:
+                    self.kernel_program[(a.space, a.address, a.size, a.op)] \
+                        += block.count * a.rep
+
+    @staticmethod
+    def _emit_access(code, a):
+        if a.space == Space.MMIO:
+            if a.op == Op.WRITE:
+                code.mov_imm(0, a.value)
+                code.store(a.address, a.size)
             else:
-                code.mov_imm(2, block.address)
-                code.mov_imm(0, block.value)
-                if block.op == Op.WRITE:
-                    code.loop(block.count, lambda b=block: code.out(b.size))
-                else:
-                    code.loop(block.count, lambda b=block: code.in_(b.size))
-            if record and block.expect == Path.KERNEL:
-                self.kernel_program[(block.space, block.address, block.size, block.op)] \
-                    += block.accesses
+                code.load(a.address, a.size)
+            return
+        code.mov_imm(2, a.address)
+        if a.rep > 1:
+            code.mov_imm(1, a.rep)
+            if a.op == Op.WRITE:
+                code.mov_imm(6, OUTS_BUF)
+                code.rep_outs(a.size)
+            else:
+                code.mov_imm(7, INS_BUF)
+                code.rep_ins(a.size)
+        elif a.op == Op.WRITE:
+            code.mov_imm(0, a.value)
+            code.out(a.size)
+        else:
+            code.in_(a.size)
 
     def _control(self, code, value):
         code.mov_imm(2, PIO_CONTROL)

@@ -52,3 +52,6 @@ def test_attach_to_a_running_vm(tracing_host, tmp_path):
     # nothing at the attach point is ambiguous.
     assert doc["diagnostics"]["attach_ambiguous"] == 0
     assert doc["diagnostics"]["unmatched_exits"] == 0
+    # The vCPU's kvm_run mapping, made before the attach, was found in
+    # /proc: every exit was decoded, none inferred.
+    assert doc["diagnostics"]["inferred_exits"] == 0
