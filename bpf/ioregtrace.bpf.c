@@ -43,7 +43,8 @@
 #define CNT_DROPPED_REGISTRATIONS 5 /* registrations that did not fit the tables */
 #define CNT_DROPPED_VMS 6       /* VMM processes that did not fit the vms map */
 #define CNT_INFERRED_EXITS 7    /* exits whose kvm_run could not be read */
-#define NR_COUNTERS 8
+#define CNT_LOST_LAYOUT 8       /* mirror events lost: layout ring buffer full */
+#define NR_COUNTERS 9
 
 struct access_key {
 	u32 pid;        /* tgid of the VMM process */
@@ -53,7 +54,7 @@ struct access_key {
 	u8 op;          /* OP_READ / OP_WRITE */
 	u8 path;        /* PATH_* */
 	u8 size;        /* bytes per access */
-	u32 pad;
+	u32 layout;     /* the VMM's memory-map generation (QEMU mirror), else 0 */
 };
 
 struct latency {
@@ -176,6 +177,7 @@ struct thread_state {
 	u8 complete;            /* copy of vm_info.complete */
 	u8 synced;              /* saw an exit of this thread, or complete */
 	u8 fresh_entry;         /* no kvm event yet since the last KVM_RUN entry */
+	u8 mirrored;            /* its VMM's memory map is mirrored (layouts) */
 
 	u8 pending;             /* pend_key holds an access awaiting its path */
 	u8 exit_kind;           /* EXIT_* below */
@@ -229,6 +231,32 @@ BPF_HASH(targets, u32, u8, MAX_TARGETS);       /* tgids to trace when filtering 
 BPF_HASH(ioeventfds, struct reg_key, struct ioeventfd_set, MAX_IOEVENTFD_ADDRS);
 BPF_HASH(zones, struct vm_key, struct zone_set, MAX_VMS);
 BPF_HASH(reg_history, struct reg_record, u8, MAX_REG_HISTORY);
+/* QEMU memory-map mirror: per VM, the current generation (bumped each time
+ * QEMU builds a new flat view of system memory or I/O) and the last view
+ * seen per space.  Indexed by vm serial; `vm` says whose the slot is. */
+struct vm_layout {
+	u32 vm;
+	u32 gen;
+	u64 fv[2];
+};
+BPF_ARRAY(layouts, struct vm_layout, MAX_VMS);
+
+struct layout_event {
+	u32 pid;
+	u32 vm;
+	u32 gen;        /* the generation this view starts */
+	u8 space;
+	u8 readonly;
+	u16 pad;
+	u64 fv;         /* QEMU's FlatView: sections of one view share it */
+	u64 mr;         /* QEMU's MemoryRegion */
+	u64 start;      /* offset_within_address_space */
+	u64 size;       /* bytes (2^64 shows as 0) */
+	u64 offset;     /* offset_within_region */
+	char name[REGION_NAME_LEN];
+};
+BPF_RINGBUF_OUTPUT(layout_events, LAYOUT_RING_PAGES);
+
 /* vCPU fds of traced VMMs -> where their struct kvm_run is mapped (0 until
  * the mmap is seen; the agent fills in VMs that existed before attach). */
 BPF_HASH(vcpu_runs, struct fd_key, u64, MAX_VCPUS);
@@ -239,6 +267,7 @@ BPF_ARRAY(config, u64, 4);
 #define CFG_FILTER 0
 #define CFG_REG_GEN 1
 #define CFG_VM_SERIAL 2
+#define CFG_MR_NAME_OFFSET 3    /* QEMU's MemoryRegion.name, from its binary */
 
 static __always_inline void bump(int idx, u64 n)
 {
@@ -251,6 +280,22 @@ static __always_inline u64 cfg(int idx)
 {
 	u64 *v = config.lookup(&idx);
 	return v ? *v : 0;
+}
+
+static __always_inline struct vm_layout *layout_of(u32 vm)
+{
+	int idx = vm & (MAX_VMS - 1);
+	struct vm_layout *l = layouts.lookup(&idx);
+	return l && l->vm == vm ? l : 0;
+}
+
+/* The memory-map generation an access made now is served by. */
+static __always_inline u32 layout_now(struct thread_state *s)
+{
+	if (!s->mirrored)
+		return 0;
+	struct vm_layout *l = layout_of(s->vm);
+	return l ? l->gen : 0;
 }
 
 static __always_inline struct vm_info *vm_of(u32 pid)
@@ -291,6 +336,7 @@ static __always_inline void refresh(struct thread_state *s, u32 pid)
 		s->cache_gen = 0;
 	s->vm = vi->serial;
 	s->complete = vi->complete;
+	s->mirrored = layout_of(vi->serial) != 0;
 	if (vi->complete)
 		s->synced = 1;
 }
@@ -449,14 +495,15 @@ static __always_inline void set_pending(struct thread_state *s, u32 pid, u8 spac
 	s->pend_key.op = op;
 	s->pend_key.path = path;
 	s->pend_key.size = size;
-	s->pend_key.pad = 0;
+	s->pend_key.layout = layout_now(s);
 }
 
 static __always_inline void count_now(struct thread_state *s, u32 pid, u8 space,
 				      u64 addr, u32 size, u8 op, u8 path, u64 n)
 {
 	struct access_key k = {.pid = pid, .vm = s->vm, .addr = addr, .space = space,
-			       .op = op, .path = path, .size = size};
+			       .op = op, .path = path, .size = size,
+			       .layout = layout_now(s)};
 	count_access(&k, n);
 }
 
@@ -540,7 +587,8 @@ RAW_TRACEPOINT_PROBE(kvm_pio)
 	} else if (s->await_pio_in) {
 		struct access_key k = {.pid = pid, .vm = s->vm, .addr = port,
 				       .space = SPACE_PIO, .op = OP_READ,
-				       .path = PATH_USERSPACE, .size = size};
+				       .path = PATH_USERSPACE, .size = size,
+				       .layout = layout_now(s)};
 		s->await_pio_in = 0;
 		count_access(&k, count);
 		record_latency(&k, s->pio_in_ns);
@@ -622,7 +670,7 @@ static __always_inline void exit_decoded(struct thread_state *s, u32 pid,
 		k->pid = pid;
 		k->vm = s->vm;
 		k->path = PATH_USERSPACE;
-		k->pad = 0;
+		k->layout = layout_now(s);
 		count_access(k, count);
 		s->exit_key = *k;
 		s->exit_kind = EXIT_KEYED;
@@ -872,6 +920,97 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	} else {
 		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO);
 	}
+	return 0;
+}
+
+/* ---- QEMU memory-map mirror ---------------------------------------------
+ * A uprobe on QEMU's flatview_add_to_dispatch(FlatView *, MemoryRegionSection *),
+ * which QEMU calls for every section of every flat view it builds, i.e. at
+ * each real change of its memory map, before the new view is used.  So the
+ * agent sees every layout QEMU ever dispatched with, in order, with no
+ * polling; each access carries the generation that served it.
+ *
+ * struct MemoryRegionSection (include/exec/memory.h, unchanged since 2.12):
+ *   Int128 size; MemoryRegion *mr; FlatView *fv; hwaddr offset_within_region;
+ *   hwaddr offset_within_address_space; bool readonly; ...
+ * struct FlatView: struct rcu_head (16 bytes); unsigned ref; FlatRange *ranges;
+ *   unsigned nr, nr_allocated; AddressSpaceDispatch *dispatch; MemoryRegion *root;
+ * MemoryRegion.name's offset is read off memory_region_name() by the agent.
+ * The agent checks the mirror against QEMU's own `info mtree -f`. */
+#define SECTION_SIZE 0
+#define SECTION_MR 16
+#define SECTION_FV 24
+#define SECTION_OFFSET_IN_MR 32
+#define SECTION_OFFSET_IN_AS 40
+#define SECTION_READONLY 48
+#define FLATVIEW_ROOT 48
+#define UPROBE_ARG2(ctx) (((u64 *)(ctx))[13])   /* pt_regs->si on x86-64 */
+
+static __always_inline u64 user_u64(u64 addr)
+{
+	u64 v = 0;
+	bpf_probe_read_user(&v, sizeof(v), (void *)addr);
+	return v;
+}
+
+int qemu_flatview_section(void *ctx)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	u64 name_off = cfg(CFG_MR_NAME_OFFSET);
+	u64 section = UPROBE_ARG2(ctx);
+	u64 fv = user_u64(section + SECTION_FV);
+	u64 root = user_u64(fv + FLATVIEW_ROOT);
+	char root_name[8] = {};
+	bpf_probe_read_user_str(root_name, sizeof(root_name), (void *)user_u64(root + name_off));
+	u8 space;
+	if (root_name[0] == 's' && root_name[1] == 'y' && root_name[2] == 's' &&
+	    root_name[3] == 't' && root_name[4] == 'e' && root_name[5] == 'm' && !root_name[6])
+		space = SPACE_MMIO;
+	else if (root_name[0] == 'i' && root_name[1] == 'o' && !root_name[2])
+		space = SPACE_PIO;
+	else
+		return 0;       /* a bus-master or other address space */
+
+	int idx = s->vm & (MAX_VMS - 1);
+	struct vm_layout *l = layouts.lookup(&idx);
+	if (!l)
+		return 0;
+	if (l->vm != s->vm) {
+		l->vm = s->vm;
+		l->gen = 0;
+		l->fv[0] = l->fv[1] = 0;
+	}
+	/* QEMU builds views under its big lock: one thread at a time. */
+	if (l->fv[space & 1] != fv) {
+		l->fv[space & 1] = fv;
+		l->gen++;
+	}
+	s->mirrored = 1;
+
+	struct layout_event *e = layout_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		bump(CNT_LOST_LAYOUT, 1);
+		return 0;
+	}
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->vm = s->vm;
+	e->gen = l->gen;
+	e->space = space;
+	e->pad = 0;
+	e->fv = fv;
+	e->mr = user_u64(section + SECTION_MR);
+	e->start = user_u64(section + SECTION_OFFSET_IN_AS);
+	e->size = user_u64(section + SECTION_SIZE);
+	if (user_u64(section + SECTION_SIZE + 8))
+		e->size = 0;    /* the whole 64-bit space */
+	e->offset = user_u64(section + SECTION_OFFSET_IN_MR);
+	e->readonly = 0;
+	bpf_probe_read_user(&e->readonly, 1, (void *)(section + SECTION_READONLY));
+	e->name[0] = 0;
+	bpf_probe_read_user_str(e->name, sizeof(e->name), (void *)user_u64(e->mr + name_off));
+	layout_events.ringbuf_submit(e, 0);
 	return 0;
 }
 

@@ -46,6 +46,9 @@ def _target_options(f):
     f = click.option("-d", "--duration", type=float, metavar="SECONDS",
                      help="Stop after SECONDS. Default: until CMD or the -p processes "
                           "exit, or Ctrl-C.")(f)
+    f = click.option("--qmp", type=click.Path(dir_okay=False), metavar="SOCKET",
+                     help="With one -p: that QEMU's QMP unix socket, for its region names "
+                          "as they were at attach.")(f)
     return f
 
 
@@ -54,30 +57,38 @@ def _target_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Write JSON instead of a table.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write the result to FILE instead of stdout.")
+@click.option("--by", type=click.Choice(["auto", "address", "region"]), default="auto",
+              show_default=True,
+              help="One row per device region, or per guest address. auto: by region "
+                   "when QEMU's region names are known.")
 @click.pass_context
-def stat(ctx, pids, duration, as_json, output):
+def stat(ctx, pids, duration, qmp, as_json, output, by):
     """Count guest device accesses by address and dispatch path.
 
     \b
     ioregtrace stat                       every KVM VM, until Ctrl-C
     ioregtrace stat -p 1234 -d 10         one VMM for 10 seconds
+    ioregtrace stat -p 1234 --qmp /run/vm1.qmp
+                                          a running QEMU, with region names
     ioregtrace stat --json -- qemu-system-x86_64 ...
                                           run CMD traced from its start;
                                           exit with CMD's status
 
-    Rows: one per VM, address, size, op and path, with count, share, rate
-    and, for the userspace path, latency p50/p99/max in microseconds (the
-    time from the exit to the VMM's next KVM_RUN on that vCPU thread).
-    Ctrl-C prints what was gathered so far.
+    Rows: one per VM, device region (or address), op and path, with count,
+    share, rate and, for the userspace path, latency p50/p99/max in
+    microseconds (the time from the exit to the VMM's next KVM_RUN on that
+    vCPU thread).  For QEMU, regions are QEMU's own (info mtree), as they
+    were when each access was made; ioregtrace adds its own QMP monitor and
+    -no-shutdown to a QEMU it starts (so it can read the final map; it then
+    lets QEMU exit).  Ctrl-C prints what was gathered so far.
     """
-    from . import report
     from .session import Session
     from .views import stat as stat_view
 
-    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration).start()
+    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp).start()
     try:
         session.wait()
-        result = report.build(session.tracer.snapshot(), session.elapsed)
+        result = session.report(by=by)
         text = (json.dumps(stat_view.to_json(result), indent=1) + "\n" if as_json
                 else stat_view.table(result))
         if output:

@@ -54,6 +54,7 @@ class AccessKey:
     size: int
     op: Op
     path: Path
+    layout: int = 0    # the VMM's memory-map generation when it was made (QEMU)
 
     def short(self):
         """perf-kvm-stat style label: 0xfebf0000:4:W or 0x60:1:R."""

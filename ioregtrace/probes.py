@@ -2,6 +2,7 @@
 its maps back as plain Python data (a RawSnapshot).  Nothing here knows
 about rows or views."""
 
+import collections
 import ctypes
 import os
 import time
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 from . import headers, histogram, keys, kvmapi, requirements
 from .errors import UserError
+from .qemu.layout import LayoutHistory
 
 BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "bpf", "ioregtrace.bpf.c")
@@ -24,13 +26,16 @@ MAP_SIZES = {
     "ZONE_SLOTS": 16,
     "MAX_REG_HISTORY": 8192,
     "MAX_VCPUS": 8192,
+    "REGION_NAME_LEN": 64,
+    "LAYOUT_RING_PAGES": 1024,
 }
 
 # Order of the counters map (CNT_* in the BPF source).
 COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambiguous",
-            "unmatched_exits", "dropped_registrations", "dropped_vms", "inferred_exits")
+            "unmatched_exits", "dropped_registrations", "dropped_vms", "inferred_exits",
+            "lost_layout")
 
-CFG_FILTER, CFG_REG_GEN = 0, 1
+CFG_FILTER, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET = 0, 1, 2, 3
 REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
 
 
@@ -108,6 +113,10 @@ class Tracer:
             raise UserError(f"loading the BPF program failed: {str(e).splitlines()[0]} "
                             "(see `ioregtrace doctor`)") from None
         self.started = time.monotonic()
+        self.histories = collections.defaultdict(LayoutHistory)   # vm serial -> QEMU map
+        self.mirrored_binaries = {}          # path -> QemuBinary
+        self._ring_open = False
+        self.layout_events = 0
         self.filtering = pids is not None
         config = self.bpf["config"]
         config[ctypes.c_int(CFG_REG_GEN)] = ctypes.c_uint64(1)
@@ -131,6 +140,43 @@ class Tracer:
             key = runs.Key(pid=pid, fd=fd)
             runs[key] = ctypes.c_uint64(addr)
 
+    def mirror_qemu(self, binary):
+        """Mirror the memory map of every traced QEMU running `binary` (a
+        qemu.binary.QemuBinary whose mirror_ok is true)."""
+        if binary.path in self.mirrored_binaries:
+            return
+        offsets = {b.name_offset for b in self.mirrored_binaries.values()}
+        if offsets and binary.name_offset not in offsets:
+            raise UserError(f"{binary.path}: a second QEMU build with another MemoryRegion "
+                            "layout; trace one QEMU build per session")
+        self.bpf["config"][ctypes.c_int(CFG_MR_NAME_OFFSET)] = ctypes.c_uint64(
+            binary.name_offset)
+        try:
+            self.bpf.attach_uprobe(name=binary.path.encode(), sym=b"flatview_add_to_dispatch",
+                                   fn_name=b"qemu_flatview_section")
+        except Exception as e:       # BCC raises bare Exception
+            raise UserError(f"cannot attach a uprobe to {binary.path}: "
+                            f"{str(e).splitlines()[0]}") from None
+        if not self._ring_open:
+            self.bpf["layout_events"].open_ring_buffer(self._on_layout_event)
+            self._ring_open = True
+        self.mirrored_binaries[binary.path] = binary
+
+    def _on_layout_event(self, ctx, data, size):
+        e = self.bpf["layout_events"].event(data)
+        self.layout_events += 1
+        self.histories[e.vm].add_section(e.gen, keys.Space(e.space), e.fv, e.start, e.size,
+                                         e.name.decode(errors="replace"), e.offset, e.mr)
+
+    def poll_layout(self):
+        """Consume the mirror's pending events (call often: the ring is finite)."""
+        if self._ring_open:
+            self.bpf.ring_buffer_consume()
+
+    def vm_serial(self, pid):
+        info = self.bpf["vms"].get(ctypes.c_uint32(pid))
+        return info.serial if info is not None else None
+
     def remove_target(self, pid):
         try:
             del self.bpf["targets"][ctypes.c_uint32(pid)]
@@ -147,6 +193,7 @@ class Tracer:
         return probes
 
     def snapshot(self):
+        self.poll_layout()
         snap = RawSnapshot(taken=time.monotonic())
         for k, v in _items(self.bpf["accesses"]):
             snap.accesses[(k.vm, _access_key(k))] = getattr(v, "value", v)
@@ -208,4 +255,4 @@ def _items(table):
 
 def _access_key(k):
     return keys.AccessKey(k.pid, keys.Space(k.space), k.addr, k.size, keys.Op(k.op),
-                          keys.Path(k.path))
+                          keys.Path(k.path), k.layout)

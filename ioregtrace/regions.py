@@ -38,3 +38,44 @@ class FallbackNamer:
             if dspace == space and base <= addr < base + length:
                 return name
         return f"{space}@{addr:#x}"
+
+
+class QemuRegions:
+    """QEMU's own region names for one VM, at the time of each access: the
+    mirrored layout of the access's generation, checked against QEMU's final
+    `info mtree -f`; if the check fails, QEMU's final map for everything."""
+
+    def __init__(self, history, region_ops=None):
+        self.history = history
+        self.region_ops = region_ops or {}
+        self.mirror_ok, self.why = history.verify()
+        self.notes = []
+        if history.mirrored and not self.mirror_ok:
+            if history.final is not None:
+                self.notes.append(f"{self.why}: names come from QEMU's final memory map")
+            else:
+                self.notes.append(f"region names unchecked: {self.why}")
+
+    def layout(self, gen):
+        """The FlatLayout that served generation `gen`, or None."""
+        h = self.history
+        if h.mirrored and (self.mirror_ok or h.final is None):
+            return h.layout_at(gen)
+        return h.final or h.base
+
+    def flat_range(self, key):
+        """(known, FlatRange or None): whether the map of the access's space
+        is known, and the range serving it (None: unassigned)."""
+        layout = self.layout(key.layout)
+        if layout is None or not layout.ranges.get(key.space):
+            return False, None
+        return True, layout.region(key.space, key.address)
+
+    def handler_calls(self, key, rng, count):
+        """Calls QEMU made to the region's handler for `count` such accesses,
+        or None when QEMU's access constraints are unknown."""
+        from .qemu.ops import handler_calls
+        ops = self.region_ops.get(rng.mr) if rng is not None else None
+        if ops is None:
+            return None
+        return count * handler_calls(key.size, key.address - rng.start + rng.offset, ops)

@@ -1,7 +1,7 @@
 """Aggregation: a RawSnapshot of the maps becomes a Report of labelled rows
 (comm, region, latency quantiles) with totals and the diagnostics every view
-prints.  The classification itself happened in the kernel; this only names
-and sums."""
+prints.  The classification itself happened in the kernel; this only names,
+groups and sums."""
 
 import collections
 from dataclasses import dataclass, field
@@ -9,7 +9,15 @@ from typing import Optional
 
 from . import histogram
 from .keys import AccessKey, Path
+from .probes import LatencyStats
 from .regions import FallbackNamer
+
+BY_ADDRESS = "address"
+BY_REGION = "region"
+
+# Paths whose accesses QEMU's device models are called for (so QEMU's own
+# memory_region_ops trace sees them).
+QEMU_DISPATCHED = (Path.USERSPACE, Path.COALESCED)
 
 
 @dataclass
@@ -23,12 +31,20 @@ class Latency:
 
 @dataclass
 class Row:
-    key: AccessKey
-    vm: int                 # the VMM process's serial (pid reuse never merges)
+    key: AccessKey           # a region row: its lowest address and largest size
+    vm: int                  # the VMM process's serial (pid reuse never merges)
     comm: str
     region: Optional[str]
     count: int
-    latency: Optional[Latency]
+    stats: Optional[LatencyStats] = None
+    vm_name: Optional[str] = None
+    addresses: set = field(default_factory=set)
+    sizes: collections.Counter = field(default_factory=collections.Counter)
+    qemu_calls: Optional[int] = None
+
+    @property
+    def latency(self):
+        return latency_of(self.stats)
 
 
 @dataclass
@@ -39,6 +55,7 @@ class Report:
     dropped_keys: int
     diagnostics: dict
     notes: list = field(default_factory=list)
+    by: str = BY_ADDRESS
 
     @property
     def total(self):
@@ -61,20 +78,83 @@ def latency_of(stats):
                    max_us=us(stats.max_ns), mean_us=us(stats.sum_ns / stats.count))
 
 
-def build(snapshot, duration_s):
-    namer = FallbackNamer(snapshot.registrations)
-    rows = []
+def merge_stats(a, b):
+    if a is None or b is None:
+        return a or b
+    return LatencyStats(a.count + b.count, a.sum_ns + b.sum_ns, max(a.max_ns, b.max_ns),
+                        [x + y for x, y in zip(a.slots, b.slots, strict=True)])
+
+
+def _add_calls(a, b):
+    return None if a is None or b is None else a + b
+
+
+def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes=()):
+    """vm_regions: {vm serial: regions.QemuRegions} for VMs whose QEMU
+    memory map is known; vm_names: {vm serial: name}; by: "address",
+    "region" or "auto" (region rows when QEMU's names are known)."""
+    vm_regions = vm_regions or {}
+    vm_names = vm_names or {}
+    fallback = FallbackNamer(snapshot.registrations)
+    unknown_maps = collections.Counter()
+    named = []
     for (vm, key), count in snapshot.accesses.items():
-        info = snapshot.vms.get(vm)
-        rows.append(Row(key=key, vm=vm, comm=info.comm if info else "?",
-                        region=namer.name(vm, key.space, key.address), count=count,
-                        latency=latency_of(snapshot.latencies.get((vm, key)))))
-    rows.sort(key=lambda r: (-r.count, r.key))
+        qemu = vm_regions.get(vm)
+        region, calls = None, None
+        if qemu is not None:
+            known, rng = qemu.flat_range(key)
+            if known:
+                region = rng.name if rng is not None else None
+                if key.path in QEMU_DISPATCHED and rng is not None:
+                    calls = qemu.handler_calls(key, rng, count)
+            else:
+                unknown_maps[vm] += count
+                region = fallback.name(vm, key.space, key.address)
+        else:
+            region = fallback.name(vm, key.space, key.address)
+        named.append((vm, key, count, region, calls))
+
+    mode = by if by != "auto" else (BY_REGION if vm_regions else BY_ADDRESS)
+    rows = {}
+    for vm, key, count, region, calls in named:
+        if mode == BY_REGION:
+            group = (vm, key.pid, key.space, region, key.op, key.path)
+        else:
+            group = (vm, key.pid, key.space, key.address, key.size, key.op, key.path, region)
+        stats = snapshot.latencies.get((vm, key))
+        row = rows.get(group)
+        if row is None:
+            info = snapshot.vms.get(vm)
+            row = rows[group] = Row(
+                key=AccessKey(key.pid, key.space, key.address, key.size, key.op, key.path),
+                vm=vm, comm=info.comm if info else "?", region=region, count=0,
+                vm_name=vm_names.get(vm), qemu_calls=calls)
+        else:
+            k = row.key
+            row.key = AccessKey(k.pid, k.space, min(k.address, key.address),
+                                max(k.size, key.size), k.op, k.path)
+            row.qemu_calls = _add_calls(row.qemu_calls, calls)
+        row.count += count
+        row.stats = merge_stats(row.stats, stats)
+        row.addresses.add(key.address)
+        row.sizes[key.size] += count
+    rows = sorted(rows.values(), key=lambda r: (-r.count, r.key, r.region or ""))
     c = snapshot.counters
-    return Report(duration_s=duration_s, rows=rows,
-                  lost_events=c.get("lost_events", 0),
-                  dropped_keys=c.get("dropped_accesses", 0),
-                  diagnostics=dict(c), notes=notes_for(snapshot, rows))
+    all_notes = list(notes) + notes_for(snapshot, rows)
+    for vm, n in sorted(unknown_maps.items()):
+        info = snapshot.vms.get(vm)
+        all_notes.append(f"pid {info.pid if info else '?'}: {n} access(es) made while QEMU's "
+                         "memory map was unknown are named by address")
+    for qemu in vm_regions.values():
+        all_notes.extend(qemu.notes)
+    split = [r for r in rows if r.qemu_calls is not None and r.qemu_calls != r.count]
+    for r in split:
+        all_notes.append(f"QEMU split {r.count} {r.key.op}(s) of {r.region or r.key.address} "
+                         f"into {r.qemu_calls} calls of its handler (access sizes "
+                         f"{dict(sorted(r.sizes.items()))} exceed what it implements)")
+    return Report(duration_s=duration_s, rows=rows, lost_events=c.get("lost_events", 0),
+                  dropped_keys=c.get("dropped_accesses", 0), diagnostics=dict(c),
+                  notes=all_notes, by=mode)
 
 
 # BPF counters that need a sentence when they are not zero.
@@ -87,6 +167,8 @@ COUNTER_NOTES = (
     ("dropped_registrations", "{n} registration(s) did not fit the tracer's tables; "
                               "their accesses may show as kernel"),
     ("dropped_vms", "{n} VM process(es) did not fit the vms map; not traced"),
+    ("lost_layout", "{n} QEMU memory-map event(s) lost (ring buffer full); names of "
+                    "accesses in those layouts may be wrong"),
 )
 
 

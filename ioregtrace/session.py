@@ -1,6 +1,10 @@
 """A tracing session: what to trace (-p PIDs, -- CMD, or every VM), for how
 long, and stopping cleanly on the end of CMD, -d, the targets' exit, Ctrl-C
-or SIGTERM.  Shared by every command that traces."""
+or SIGTERM.  Shared by every command that traces.
+
+QEMU targets get more: the BPF mirror of QEMU's memory map on their binary,
+and a QMP side channel (our own monitor in wrapper mode, --qmp in attach
+mode) for the map at attach and at the end."""
 
 import os
 import shutil
@@ -9,8 +13,13 @@ import subprocess
 import sys
 import time
 
+from . import report as report_mod
 from .errors import UserError
 from .probes import Tracer
+from .qemu import binary as qemu_binary
+from .qemu.control import QemuControl
+from .qemu.layout import LayoutHistory
+from .regions import QemuRegions
 
 
 class Stop(Exception):
@@ -34,34 +43,67 @@ def is_kvm_vm(pid):
     return False
 
 
-def validate_command(cmd):
+def resolve_command(cmd):
+    """The executable CMD runs, or a one-line error."""
     exe = cmd[0]
     if os.sep in exe:
         if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
             raise UserError(f"command not found or not executable: {exe}")
-    elif shutil.which(exe) is None:
+        return os.path.realpath(exe)
+    found = shutil.which(exe)
+    if found is None:
         raise UserError(f"command not found: {exe}")
+    return os.path.realpath(found)
+
+
+def process_exe(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        return None
 
 
 class Session:
-    def __init__(self, pids=(), cmd=(), duration=None, log=None):
+    def __init__(self, pids=(), cmd=(), duration=None, qmp=None, log=None):
         self.pids = list(pids)
         self.cmd = list(cmd)
         self.duration = duration
+        self.qmp = qmp
         self.log = log or (lambda msg: print(f"ioregtrace: {msg}", file=sys.stderr))
         validate_pids(self.pids)
-        if self.cmd:
-            validate_command(self.cmd)
+        self.exe = resolve_command(self.cmd) if self.cmd else None
         if duration is not None and duration <= 0:
             raise UserError("-d/--duration must be > 0 seconds")
+        if qmp is not None and len(self.pids) != 1:
+            raise UserError("--qmp needs exactly one -p PID (the QEMU it belongs to)")
         for pid in self.pids:
             if not is_kvm_vm(pid):
                 self.log(f"warning: pid {pid} has no KVM VM open (yet)")
         self.tracer = None
         self.child = None
+        self.controls = []           # QemuControl per QEMU target
+        self.notes = []
+        self._layout_mark = None
         self.started = None
         self.stopped = None
         self.exit_status = 0
+
+    # -- starting -----------------------------------------------------------
+
+    def _qemu_binary(self, path):
+        """Mirror QEMU's memory map when the binary allows it; say why not."""
+        if path is None or not qemu_binary.looks_like_qemu(path):
+            return None
+        binary = qemu_binary.inspect(path)
+        if binary.mirror_ok:
+            try:
+                self.tracer.mirror_qemu(binary)
+                return binary
+            except UserError as e:
+                binary.why_not = str(e)
+        self.notes.append(f"QEMU memory map not mirrored: {binary.why_not}; region names "
+                          "come from QEMU's map at attach and at the end only")
+        return binary
 
     def start(self):
         filtered = bool(self.pids or self.cmd)
@@ -70,23 +112,53 @@ class Session:
         # from its first instruction, before it can create its VM.
         initial = self.pids + ([os.getpid()] if self.cmd else [])
         self.tracer = Tracer(pids=initial if filtered else None)
+        try:
+            self._start_targets(filtered)
+        except BaseException:
+            self.tracer.close()
+            raise
         self.started = time.monotonic()
-        what = (f"pid(s) {', '.join(map(str, self.pids))}" if self.pids else "")
+        return self
+
+    def _start_targets(self, filtered):
+        for pid in self.pids:
+            binary = self._qemu_binary(process_exe(pid))
+            if binary is not None or self.qmp is not None:
+                control = QemuControl.attach(pid, self.qmp, binary, log=self.log)
+                control.snapshot_at_attach(self._layout_stable)
+                self.controls.append(control)
+        if not filtered:
+            for pid in _running_qemus():
+                self._qemu_binary(process_exe(pid))
+        what = f"pid(s) {', '.join(map(str, self.pids))}" if self.pids else ""
         if self.cmd:
+            binary = self._qemu_binary(self.exe)
+            cmd, control = QemuControl.wrap(self.cmd, binary, log=self.log)
             try:
-                self.child = subprocess.Popen(self.cmd)
+                self.child = subprocess.Popen(cmd)
             except OSError as e:
-                self.tracer.close()
                 raise UserError(f"cannot run {self.cmd[0]}: {e.strerror}") from None
             self.tracer.remove_target(os.getpid())
+            if control is not None:
+                self.controls.append(control)
+                control.started(self.child.pid, alive=lambda: self.child.poll() is None)
             what = " and ".join(filter(None, [what, f"{self.cmd[0]} (pid {self.child.pid})"]))
         self.log(f"tracing {what or 'every KVM VM on this host'}"
                  f"{f' for {self.duration:g} s' if self.duration else ''}; Ctrl-C to stop")
-        return self
+
+    def _layout_stable(self):
+        """No QEMU flat view was built since the last call."""
+        self.tracer.poll_layout()
+        mark, self._layout_mark = self._layout_mark, self.tracer.layout_events
+        return mark == self._layout_mark
+
+    # -- running ------------------------------------------------------------
 
     def _done(self):
         if self.duration is not None and time.monotonic() - self.started >= self.duration:
             return True
+        if any(c.shutdown_seen.is_set() for c in self.controls):
+            return True          # QEMU is paused for us at the guest's shutdown
         if self.child is not None:
             return self.child.poll() is not None
         if self.pids:
@@ -100,6 +172,7 @@ class Session:
         try:
             while not self._done():
                 time.sleep(interval)
+                self.tracer.poll_layout()
                 if tick:
                     tick()
         except (KeyboardInterrupt, Stop):
@@ -107,6 +180,28 @@ class Session:
         finally:
             signal.signal(signal.SIGTERM, previous)
         self.stopped = time.monotonic()
+
+    # -- reporting ----------------------------------------------------------
+
+    def report(self, by="auto"):
+        """Everything gathered so far.  The first call also concludes the
+        QEMU side channels (final map; lets a paused QEMU exit)."""
+        snapshot = self.tracer.snapshot()
+        histories = dict(self.tracer.histories)     # vm serial -> LayoutHistory
+        vm_names, region_ops, notes = {}, {}, list(self.notes)
+        for control in self.controls:
+            serial = self.tracer.vm_serial(control.pid) if control.pid else None
+            history = histories.setdefault(serial, LayoutHistory()) if serial else None
+            control.conclude(history)
+            notes.extend(control.problems)
+            if history is not None:
+                history.base, history.final = control.base, control.final
+                vm_names[serial] = control.vm_name
+                region_ops[serial] = control.region_ops
+        vm_regions = {serial: QemuRegions(h, region_ops.get(serial))
+                      for serial, h in histories.items() if h.mirrored or h.base or h.final}
+        return report_mod.build(snapshot, self.elapsed, vm_regions=vm_regions,
+                                vm_names=vm_names, by=by, notes=notes)
 
     def finish(self):
         """After reporting: collect CMD's exit status (CMD got the same
@@ -118,6 +213,8 @@ class Session:
                 self.exit_status = 130
             if self.exit_status < 0:      # killed by a signal: shell convention
                 self.exit_status = 128 - self.exit_status
+        for control in self.controls:
+            control.close()
         if self.tracer is not None:
             self.tracer.close()
         return self.exit_status
@@ -126,6 +223,14 @@ class Session:
     def elapsed(self):
         end = self.stopped if self.stopped is not None else time.monotonic()
         return end - self.started
+
+
+def _running_qemus():
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            exe = process_exe(int(name))
+            if exe and qemu_binary.looks_like_qemu(exe):
+                yield int(name)
 
 
 def _raise_stop(signum, frame):

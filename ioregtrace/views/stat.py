@@ -11,24 +11,37 @@ def _us(value):
     return f"{value:.1f}" if value is not None else "-"
 
 
+def who(row):
+    name = f" ({row.vm_name})" if row.vm_name else ""
+    return f"{row.key.pid}/{row.comm}{name}"
+
+
 def table(report):
     total = report.total
     duration = max(report.duration_s, 1e-9)
+    by_region = report.by == "region"
+    show_calls = any(r.qemu_calls is not None for r in report.rows)
     body = []
     for r in report.rows:
         lat = r.latency
-        body.append([
-            f"{r.key.pid}/{r.comm}", r.region, str(r.key.space), f"{r.key.address:#x}",
-            r.key.size, str(r.key.op), str(r.key.path), r.count,
-            f"{100.0 * r.count / total:.1f}" if total else "-",
-            f"{r.count / duration:.1f}",
-            _us(lat and lat.p50_us), _us(lat and lat.p99_us), _us(lat and lat.max_us),
-        ])
-    headers = ["PID/COMM", "REGION", "SPACE", "ADDRESS", "SIZE", "OP", "PATH", "COUNT",
-               "%", "RATE/s", "P50us", "P99us", "MAXus"]
-    lines = [tabulate(body, headers=headers, disable_numparse=True,
-                      colalign=("left", "left", "left", "right", "right", "left", "left",
-                                "right", "right", "right", "right", "right", "right"))
+        address = f"{r.key.address:#x}" + ("+" if by_region and len(r.addresses) > 1 else "")
+        size = ",".join(str(s) for s in sorted(r.sizes)) if by_region else r.key.size
+        line = [who(r), r.region if r.region is not None else "(unassigned)",
+                str(r.key.space), address, size, str(r.key.op), str(r.key.path), r.count]
+        if show_calls:
+            line.append(r.qemu_calls if r.qemu_calls is not None else "-")
+        line += [f"{100.0 * r.count / total:.1f}" if total else "-",
+                 f"{r.count / duration:.1f}",
+                 _us(lat and lat.p50_us), _us(lat and lat.p99_us), _us(lat and lat.max_us)]
+        body.append(line)
+    headers = ["PID/COMM", "REGION", "SPACE", "ADDRESS", "SIZE", "OP", "PATH", "COUNT"]
+    align = ["left", "left", "left", "right", "right", "left", "left", "right"]
+    if show_calls:
+        headers.append("CALLS")
+        align.append("right")
+    headers += ["%", "RATE/s", "P50us", "P99us", "MAXus"]
+    align += ["right"] * 5
+    lines = [tabulate(body, headers=headers, disable_numparse=True, colalign=align)
              if body else "(no guest device accesses seen)"]
     by_path = report.totals_by_path()
     parts = ", ".join(f"{path} {by_path[path]}" for path in Path if by_path.get(path))
@@ -38,6 +51,9 @@ def table(report):
     lines.append(f"Lost events: {report.lost_events}, dropped keys: {report.dropped_keys}")
     lines.append("Latency: userspace exit to next KVM_RUN on the same thread; "
                  "p50/p99 are upper bounds within 12.5 %.")
+    if show_calls:
+        lines.append("CALLS: how many times QEMU called the region's handler for these "
+                     "accesses (QEMU splits accesses wider than the handler implements).")
     for note in report.notes:
         lines.append(f"Note: {note}")
     return "\n".join(lines) + "\n"
@@ -47,13 +63,22 @@ def to_json(report):
     rows = []
     for r in report.rows:
         lat = r.latency
-        rows.append({
+        row = {
             "pid": r.key.pid, "comm": r.comm, "space": str(r.key.space),
             "address": r.key.address, "size": r.key.size, "op": str(r.key.op),
             "path": str(r.key.path), "region": r.region, "count": r.count,
             "latency_us": None if lat is None else
             {"p50": lat.p50_us, "p99": lat.p99_us, "max": lat.max_us},
-        })
+        }
+        if r.vm_name is not None:
+            row["vm_name"] = r.vm_name
+        if report.by == "region":
+            row["addresses"] = len(r.addresses)
+            row["sizes"] = {str(size): n for size, n in sorted(r.sizes.items())}
+        if r.qemu_calls is not None:
+            row["qemu_calls"] = r.qemu_calls
+        rows.append(row)
     return {"version": JSON_VERSION, "duration_s": report.duration_s,
             "lost_events": report.lost_events, "dropped_keys": report.dropped_keys,
-            "rows": rows, "diagnostics": report.diagnostics, "notes": report.notes}
+            "by": report.by, "rows": rows, "diagnostics": report.diagnostics,
+            "notes": report.notes}

@@ -1,0 +1,192 @@
+"""ioregtrace's side channel to one QEMU process.
+
+Wrapper mode (`-- qemu-system-x86_64 ARGS`): ioregtrace appends its own QMP
+monitor (a unix socket in a private 0700 directory, removed afterwards) and,
+unless the user asked for it already, `-no-shutdown`: when the guest shuts
+down, QEMU then pauses instead of exiting, ioregtrace reads the final memory
+map (and how QEMU splits accesses) and sends `quit` itself.  So a guest that
+exits within a second still gets its map read.  The user's own arguments,
+monitors and sockets are left as they are.
+
+Attach mode (`-p PID --qmp SOCKET`): the user's QMP socket, read at attach
+(the layout before any mirrored change) and at the end.
+"""
+
+import os
+import shutil
+import tempfile
+import threading
+
+from . import mtree, ops
+from .binary import looks_like_qemu
+from .qmp import Qmp, QmpError
+
+
+def _has_option(args, name):
+    return any(a in (f"-{name}", f"--{name}") for a in args)
+
+
+def vm_name_from_args(args):
+    """-name NAME or -name guest=NAME,...: what the user calls the VM."""
+    for i, a in enumerate(args[:-1]):
+        if a in ("-name", "--name"):
+            value = args[i + 1]
+            for part in value.split(","):
+                if part.startswith("guest="):
+                    return part[len("guest="):]
+            first = value.split(",")[0]
+            return None if "=" in first else first
+    return None
+
+
+class QemuControl:
+    def __init__(self, pid=None, qmp_path=None, owns_shutdown=False, tmpdir=None,
+                 binary=None, log=None):
+        self.pid = pid
+        self.qmp_path = qmp_path
+        self.owns_shutdown = owns_shutdown
+        self.tmpdir = tmpdir
+        self.binary = binary          # qemu.binary.QemuBinary, or None
+        self.log = log or (lambda msg: None)
+        self.qmp = None
+        self.vm_name = None
+        self.version = None
+        self.base = None              # FlatLayout at attach (before mirrored changes)
+        self.final = None             # FlatLayout when tracing stopped
+        self.problems = []            # one line each, for the report's notes
+        self.region_ops = {}          # region name -> ops.RegionOps
+        self.shutdown_seen = threading.Event()
+        self._concluded = False
+        self._lock = threading.Lock()
+
+    # -- wrapper mode -------------------------------------------------------
+
+    @classmethod
+    def wrap(cls, cmd, binary=None, log=None):
+        """(command to run, QemuControl) for a QEMU command line; (cmd, None)
+        for anything else."""
+        if not looks_like_qemu(cmd[0]):
+            return cmd, None
+        tmpdir = tempfile.mkdtemp(prefix="ioregtrace-qmp-")     # mode 0700
+        sock = os.path.join(tmpdir, "qmp.sock")
+        extra = ["-qmp", f"unix:{sock},server=on,wait=off"]
+        owns = not _has_option(cmd[1:], "no-shutdown")
+        if owns:
+            extra.append("-no-shutdown")
+        control = cls(qmp_path=sock, owns_shutdown=owns, tmpdir=tmpdir, binary=binary,
+                      log=log)
+        control.vm_name = vm_name_from_args(cmd[1:])
+        return list(cmd) + extra, control
+
+    def started(self, pid, alive):
+        """QEMU runs as `pid`: connect, and watch for the guest's shutdown."""
+        self.pid = pid
+        if not self._connect(alive):
+            return
+        threading.Thread(target=self._watch_shutdown, name="qemu-shutdown",
+                         daemon=True).start()
+
+    def _watch_shutdown(self):
+        """With our -no-shutdown, QEMU pauses at the guest's shutdown (and at
+        a host signal) and waits for us.  The session notices shutdown_seen
+        and concludes; if it has already stopped tracing (-d), let QEMU go
+        from here."""
+        event = self.qmp.wait_event({"SHUTDOWN"})
+        if event is None:
+            return
+        with self._lock:
+            self.shutdown_seen.set()
+            if self._concluded and self.owns_shutdown:
+                self._quit()
+
+    # -- attach mode --------------------------------------------------------
+
+    @classmethod
+    def attach(cls, pid, qmp_path, binary=None, log=None):
+        control = cls(pid=pid, qmp_path=qmp_path, binary=binary, log=log)
+        if qmp_path is None:
+            control.problems.append(
+                f"pid {pid}: no --qmp socket given, so QEMU's region names are only "
+                "known for memory-map changes made after attach")
+            return control
+        control._connect(alive=lambda: os.path.exists(f"/proc/{pid}"))
+        return control
+
+    def snapshot_at_attach(self, stable):
+        """The memory map as it is now, for accesses made before the first
+        mirrored change.  `stable()` says whether no flat view was built
+        since it was last asked (QMP answers under QEMU's big lock, so a
+        change in flight finishes first); retried until one is clean."""
+        if self.qmp is None:
+            return
+        for _ in range(5):
+            stable()
+            layout = self._snapshot("at attach")
+            if layout is None or stable():
+                self.base = layout
+                return
+        self.problems.append("QEMU's memory map kept changing while ioregtrace read it at "
+                             "attach; accesses before the first change are named by address")
+
+    # -- common -------------------------------------------------------------
+
+    def _connect(self, alive):
+        try:
+            self.qmp = Qmp(self.qmp_path, connect_timeout=10.0, alive=alive)
+        except QmpError as e:
+            self.problems.append(f"QEMU region names from QMP unavailable: {e}")
+            self.log(f"warning: {e}")
+            return False
+        self.version = self.qmp.version
+        try:
+            name = (self.qmp.command("query-name") or {}).get("name")
+            self.vm_name = name or self.vm_name
+        except QmpError:
+            pass
+        return True
+
+    def _snapshot(self, when):
+        try:
+            text = self.qmp.hmp("info mtree -f")
+        except QmpError as e:
+            self.problems.append(f"QEMU's memory map {when} could not be read: {e}")
+            return None
+        layout, unknown = mtree.parse(text)
+        if unknown:
+            self.problems.append(
+                f"QEMU's info mtree -f {when} has {len(unknown)} line(s) ioregtrace does "
+                f"not understand, first: {unknown[0].strip()!r}")
+        return layout
+
+    def conclude(self, history):
+        """The session stops tracing: read the final map and how QEMU splits
+        accesses while QEMU still runs; if the guest has shut down, let QEMU
+        exit.  `history`: this VM's mirrored layouts, with the last events
+        consumed."""
+        with self._lock:
+            if self._concluded:
+                return
+            self._concluded = True
+            if self.qmp is None or self.qmp.closed:
+                if self.qmp is not None:
+                    self.problems.append("QEMU exited before its final memory map was "
+                                         "read; the mirror is unchecked")
+                return
+            self.final = self._snapshot("at the end")
+            if self.binary is not None and self.pid and history is not None:
+                self.region_ops = ops.read_region_ops(self.pid, self.binary, history,
+                                                      self.problems)
+            if self.shutdown_seen.is_set() and self.owns_shutdown:
+                self._quit()
+
+    def _quit(self):
+        try:
+            self.qmp.command("quit")
+        except QmpError:
+            pass          # it is exiting either way
+
+    def close(self):
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
