@@ -50,6 +50,7 @@ class QemuRegions:
         self.region_ops = region_ops or {}
         self.mirror_ok, self.why = history.verify()
         self.notes = []
+        self.assumed = set()      # regions whose accepts() callback was taken to accept
         if history.mirrored and not self.mirror_ok:
             if history.final is not None:
                 self.notes.append(f"{self.why}: names come from QEMU's final memory map")
@@ -72,10 +73,15 @@ class QemuRegions:
         return True, layout.region(key.space, key.address)
 
     def handler_calls(self, key, rng, count):
-        """Calls QEMU made to the region's handler for `count` such accesses,
-        or None when QEMU's access constraints are unknown."""
+        """(calls, rejected): how often QEMU called the region's handler for
+        `count` such accesses, and how many pieces it refused; None when
+        QEMU's access constraints are unknown.  Regions with an accepts()
+        callback are collected in `assumed` (it is taken to accept)."""
         from .qemu.ops import handler_calls
         ops = self.region_ops.get(rng.mr) if rng is not None else None
         if ops is None:
             return None
-        return count * handler_calls(key.size, key.address - rng.start + rng.offset, ops)
+        if ops.has_accepts:
+            self.assumed.add(rng.name)
+        calls, rejected = handler_calls(key.size, key.address - rng.start + rng.offset, ops)
+        return count * calls, count * rejected

@@ -41,6 +41,7 @@ class Row:
     addresses: set = field(default_factory=set)
     sizes: collections.Counter = field(default_factory=collections.Counter)
     qemu_calls: Optional[int] = None
+    qemu_rejected: Optional[int] = None
 
     @property
     def latency(self):
@@ -85,7 +86,7 @@ def merge_stats(a, b):
                         [x + y for x, y in zip(a.slots, b.slots, strict=True)])
 
 
-def _add_calls(a, b):
+def _add(a, b):
     return None if a is None or b is None else a + b
 
 
@@ -100,13 +101,13 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
     named = []
     for (vm, key), count in snapshot.accesses.items():
         qemu = vm_regions.get(vm)
-        region, calls = None, None
+        region, calls = None, (None, None)
         if qemu is not None:
             known, rng = qemu.flat_range(key)
             if known:
                 region = rng.name if rng is not None else None
                 if key.path in QEMU_DISPATCHED and rng is not None:
-                    calls = qemu.handler_calls(key, rng, count)
+                    calls = qemu.handler_calls(key, rng, count) or (None, None)
             else:
                 unknown_maps[vm] += count
                 region = fallback.name(vm, key.space, key.address)
@@ -128,12 +129,13 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
             row = rows[group] = Row(
                 key=AccessKey(key.pid, key.space, key.address, key.size, key.op, key.path),
                 vm=vm, comm=info.comm if info else "?", region=region, count=0,
-                vm_name=vm_names.get(vm), qemu_calls=calls)
+                vm_name=vm_names.get(vm), qemu_calls=calls[0], qemu_rejected=calls[1])
         else:
             k = row.key
             row.key = AccessKey(k.pid, k.space, min(k.address, key.address),
                                 max(k.size, key.size), k.op, k.path)
-            row.qemu_calls = _add_calls(row.qemu_calls, calls)
+            row.qemu_calls = _add(row.qemu_calls, calls[0])
+            row.qemu_rejected = _add(row.qemu_rejected, calls[1])
         row.count += count
         row.stats = merge_stats(row.stats, stats)
         row.addresses.add(key.address)
@@ -147,11 +149,20 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
                          "memory map was unknown are named by address")
     for qemu in vm_regions.values():
         all_notes.extend(qemu.notes)
-    split = [r for r in rows if r.qemu_calls is not None and r.qemu_calls != r.count]
-    for r in split:
-        all_notes.append(f"QEMU split {r.count} {r.key.op}(s) of {r.region or r.key.address} "
-                         f"into {r.qemu_calls} calls of its handler (access sizes "
-                         f"{dict(sorted(r.sizes.items()))} exceed what it implements)")
+        if qemu.assumed:
+            all_notes.append("QEMU handler calls for " + ", ".join(sorted(qemu.assumed)) +
+                             " assume the region's accepts() callback let each access in")
+    for r in rows:
+        if r.qemu_calls is None or r.qemu_calls == r.count:
+            continue
+        what = f"{r.count} {r.key.op}(s) of {r.region}"
+        sizes = dict(sorted(r.sizes.items()))
+        if r.qemu_rejected:
+            all_notes.append(f"QEMU refused {r.qemu_rejected} piece(s) of {what} without "
+                             f"calling its handler (access sizes {sizes} not accepted)")
+        if r.qemu_calls > r.count - (r.qemu_rejected or 0):
+            all_notes.append(f"QEMU split {what} into {r.qemu_calls} calls of its handler "
+                             f"(access sizes {sizes} wider than it implements)")
     return Report(duration_s=duration_s, rows=rows, lost_events=c.get("lost_events", 0),
                   dropped_keys=c.get("dropped_accesses", 0), diagnostics=dict(c),
                   notes=all_notes, by=mode)

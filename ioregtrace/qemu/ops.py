@@ -1,11 +1,14 @@
 """How many times QEMU calls a region's handler for one guest access.
 
-QEMU may split an access before its device model sees it (softmmu/memory.c,
-physmem.c): flatview_read/write cut it to the region's `valid` maximum and
-alignment (memory_access_size), then access_with_adjusted_size cuts each
-piece to the `impl` sizes the handler supports.  A 2-byte write to VGA's
-1-byte lowmem handler is two handler calls, two lines in QEMU's
-memory_region_ops_write trace.  ioregtrace reports both numbers.
+QEMU may split an access before its device model sees it, or refuse it
+(softmmu/memory.c, physmem.c): flatview_read/write cut it to the region's
+`valid` maximum and alignment (memory_access_size); memory_region_access_valid
+rejects a piece whose size or alignment the region does not accept (the
+handler is never called); access_with_adjusted_size cuts an accepted piece
+to the `impl` sizes the handler supports.  A 2-byte write to VGA's 1-byte
+lowmem handler is two handler calls, two lines in QEMU's
+memory_region_ops_write trace; a 1-byte write to edu's 4/8-byte registers is
+none.  ioregtrace reports accesses, handler calls and rejections.
 
 The constraints live in each region's MemoryRegionOps, a public struct
 (include/exec/memory.h):
@@ -23,7 +26,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RegionOps:
+    valid_min: int
     valid_max: int
+    valid_unaligned: bool
+    has_accepts: bool       # a valid.accepts() callback: QEMU decides case by case
     impl_min: int
     impl_max: int
     impl_unaligned: bool
@@ -33,10 +39,21 @@ def _pow2floor(n):
     return 1 << (n.bit_length() - 1)
 
 
+def _accepted(size, offset, ops):
+    """memory_region_access_valid, without the accepts() callback."""
+    if not ops.valid_unaligned and offset & (size - 1):
+        return False
+    if not ops.valid_max:
+        return True
+    return ops.valid_min <= size <= ops.valid_max
+
+
 def handler_calls(size, offset, ops):
-    """Handler calls QEMU makes for one `size`-byte access at `offset` into
-    the region (memory_access_size, then access_with_adjusted_size)."""
-    calls = 0
+    """(handler calls, pieces rejected) QEMU makes for one `size`-byte access
+    at `offset` into the region.  A region's valid.accepts() callback, if it
+    has one, cannot be run from here: it is taken to accept (callers say so
+    in the output, see RegionOps.has_accepts)."""
+    calls = rejected = 0
     while size > 0:
         limit = ops.valid_max or 4
         if not ops.impl_unaligned:
@@ -44,11 +61,14 @@ def handler_calls(size, offset, ops):
             if align and align < limit:
                 limit = align
         piece = _pow2floor(min(size, limit))
-        access = max(min(piece, ops.impl_max or 4), ops.impl_min or 1)
-        calls += -(-piece // access)
+        if _accepted(piece, offset, ops):
+            access = max(min(piece, ops.impl_max or 4), ops.impl_min or 1)
+            calls += -(-piece // access)
+        else:
+            rejected += 1
         offset += piece
         size -= piece
-    return calls
+    return calls, rejected
 
 
 class ProcessMemory:
@@ -131,9 +151,11 @@ def read_region_ops(pid, binary, history, problems):
                 raw = mem.read(ops_addr + 40, 40)
             except OSError:
                 continue
-            _, valid_max, _ = struct.unpack_from("<IIB", raw, 0)
+            valid_min, valid_max, valid_unaligned = struct.unpack_from("<IIB", raw, 0)
+            (accepts,) = struct.unpack_from("<Q", raw, 16)
             impl_min, impl_max, impl_unaligned = struct.unpack_from("<IIB", raw, 24)
-            result[mr] = RegionOps(valid_max, impl_min, impl_max, bool(impl_unaligned))
+            result[mr] = RegionOps(valid_min, valid_max, bool(valid_unaligned), bool(accepts),
+                                   impl_min, impl_max, bool(impl_unaligned))
         return result
     except OSError as e:
         problems.append(f"QEMU's access splitting unknown: {e}")

@@ -53,7 +53,8 @@ def table(report):
                  "p50/p99 are upper bounds within 12.5 %.")
     if show_calls:
         lines.append("CALLS: how many times QEMU called the region's handler for these "
-                     "accesses (QEMU splits accesses wider than the handler implements).")
+                     "accesses (it splits accesses wider than the handler implements and "
+                     "refuses sizes the region does not accept).")
     for note in report.notes:
         lines.append(f"Note: {note}")
     return "\n".join(lines) + "\n"
@@ -77,6 +78,7 @@ def to_json(report):
             row["sizes"] = {str(size): n for size, n in sorted(r.sizes.items())}
         if r.qemu_calls is not None:
             row["qemu_calls"] = r.qemu_calls
+            row["qemu_rejected"] = r.qemu_rejected
         rows.append(row)
     return {"version": JSON_VERSION, "duration_s": report.duration_s,
             "lost_events": report.lost_events, "dropped_keys": report.dropped_keys,

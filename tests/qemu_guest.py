@@ -1,0 +1,112 @@
+"""Guests and command lines for the QEMU tests.
+
+BAR_MOVE_GUEST is a multiboot image (QEMU's -kernel) that uses one guest
+address for two devices in turn: a pci-testdev's MMIO BAR, then, after
+moving that BAR away, an edu device's.  It powers off through ACPI, so QEMU
+reports SHUTDOWN like a real guest.
+"""
+
+import struct
+
+from ioregtrace.demo.guestcode import GuestCode
+
+LOAD = 0x100000
+HEADER = 32
+
+TESTDEV_BDF = 4 << 11        # 00:04.0
+EDU_BDF = 5 << 11            # 00:05.0
+ADDR_X = 0xE0000000          # both devices' BAR0 in turn (edu needs 1 MiB alignment)
+ADDR_Y = 0xE0100000          # where the pci-testdev BAR moves
+TESTDEV_EVENTFD = 2048 + 2   # pci-testdev: mmio datamatch-eventfd test register
+TESTDEV_DATAMATCH = 0xFA
+
+# How many of each the guest does; the tests check these against QEMU.
+PHASE1_HEADER_READS = 40     # pci-testdev at X: userspace reads
+PHASE1_DOORBELLS = 300       # pci-testdev at X: ioeventfd writes
+PHASE2_EDU_READS = 60        # edu at X: userspace reads
+PHASE2_EDU_WRITES = 25       # edu at X+TESTDEV_EVENTFD: userspace writes (no eventfd now)
+PHASE2_TESTDEV_READS = 15    # pci-testdev at Y
+
+QEMU_MACHINE = ["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "64",
+                "-display", "none", "-nodefaults", "-no-reboot", "-serial", "none",
+                "-monitor", "none"]
+
+
+def _config_write(code, bdf, reg, value, size=4):
+    code.mov_imm(2, 0xCF8)
+    code.mov_imm(0, 0x80000000 | bdf | (reg & 0xFC))
+    code.out(4)
+    code.mov_imm(2, 0xCFC + (reg & 3))
+    code.mov_imm(0, value)
+    code.out(size)
+
+
+def _reads(code, addr, size, n):
+    code.loop(n, lambda: code.load(addr, size))
+
+
+def _writes(code, addr, size, value, n):
+    code.mov_imm(0, value)
+    code.loop(n, lambda: code.store(addr, size))
+
+
+def bar_move_guest():
+    code = GuestCode(LOAD + HEADER)
+    # Phase 1: the pci-testdev's BAR0 at X.
+    _config_write(code, TESTDEV_BDF, 0x04, 0)          # decode off while moving
+    _config_write(code, EDU_BDF, 0x04, 0)
+    _config_write(code, TESTDEV_BDF, 0x10, ADDR_X)
+    _config_write(code, TESTDEV_BDF, 0x04, 2)          # memory decode on
+    _writes(code, ADDR_X, 1, 2, 1)                     # select test 2: QEMU adds the eventfd
+    _reads(code, ADDR_X + 4, 1, PHASE1_HEADER_READS)
+    _writes(code, ADDR_X + TESTDEV_EVENTFD, 1, TESTDEV_DATAMATCH, PHASE1_DOORBELLS)
+    # Phase 2: the pci-testdev moves to Y, the edu device takes X.
+    _config_write(code, TESTDEV_BDF, 0x04, 0)
+    _config_write(code, TESTDEV_BDF, 0x10, ADDR_Y)
+    _config_write(code, EDU_BDF, 0x10, ADDR_X)
+    _config_write(code, TESTDEV_BDF, 0x04, 2)
+    _config_write(code, EDU_BDF, 0x04, 2)
+    _reads(code, ADDR_X, 4, PHASE2_EDU_READS)
+    _writes(code, ADDR_X + TESTDEV_EVENTFD, 1, TESTDEV_DATAMATCH, PHASE2_EDU_WRITES)
+    _reads(code, ADDR_Y + 4, 1, PHASE2_TESTDEV_READS)
+    # ACPI power off: SLP_EN in PM1a_CNT (PIIX4 PM at 0x600 after SeaBIOS).
+    code.mov_imm(2, 0x604)
+    code.mov_imm(0, 0x2000)
+    code.out(2)
+    code.hlt_forever()
+    body = code.bytes()
+    magic, flags = 0x1BADB002, 0x00010000          # address fields valid (a.out kludge)
+    header = struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF,
+                         LOAD, LOAD, 0, 0, LOAD + HEADER)
+    return header + body
+
+
+def bar_move_args(kernel_path):
+    return QEMU_MACHINE + ["-device", "pci-testdev,addr=04.0", "-device", "edu,addr=05.0",
+                           "-kernel", str(kernel_path)]
+
+
+def seabios_args(images_dir):
+    """SeaBIOS with NVMe, IDE, VGA, e1000 and virtio-blk, no bootable disk:
+    it probes everything, finds nothing to boot and ends (-no-reboot)."""
+    disks = {}
+    for name in ("nvme", "ide", "vblk"):
+        path = images_dir / f"{name}.img"
+        with open(path, "wb") as f:
+            f.truncate(16 << 20)
+        disks[name] = path
+    return QEMU_MACHINE + [
+        "-vga", "std",
+        "-drive", f"if=none,id=nv,file={disks['nvme']},format=raw",
+        "-device", "nvme,drive=nv,serial=ioregtrace1",
+        "-drive", f"if=ide,file={disks['ide']},format=raw",
+        "-drive", f"if=none,id=vb,file={disks['vblk']},format=raw",
+        "-device", "virtio-blk-pci,drive=vb",
+        "-netdev", "user,id=n0", "-device", "e1000,netdev=n0,romfile=",
+        "-boot", "reboot-timeout=0",
+        "-name", "guest=seabios-test"]
+
+
+def trace_args(log_path):
+    return ["-trace", "memory_region_ops_read", "-trace", "memory_region_ops_write",
+            "-D", str(log_path)]
