@@ -78,7 +78,7 @@ class QemuRegions:
         QEMU's access constraints are unknown.  Regions with an accepts()
         callback are collected in `assumed` (it is taken to accept)."""
         from .qemu.ops import handler_calls
-        ops = self.region_ops.get(rng.mr) if rng is not None else None
+        ops = self.region_ops.get(self.history.mr_for(rng)) if rng is not None else None
         if ops is None:
             return None
         if ops.has_accepts:

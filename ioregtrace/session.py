@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from . import report as report_mod
@@ -20,10 +21,6 @@ from .qemu import binary as qemu_binary
 from .qemu.control import QemuControl
 from .qemu.layout import LayoutHistory
 from .regions import QemuRegions
-
-
-class Stop(Exception):
-    """SIGTERM, handled like Ctrl-C: stop tracing, still report."""
 
 
 def validate_pids(pids):
@@ -167,18 +164,24 @@ class Session:
 
     def wait(self, tick=None, interval=0.1):
         """Block until the session ends; `tick()` is called every interval
-        (live views).  Returns normally on Ctrl-C and SIGTERM too."""
-        previous = signal.signal(signal.SIGTERM, _raise_stop)
+        (live views).  Ctrl-C and SIGTERM end it too, and still report.
+
+        The handlers only set a flag: an exception raised from a signal can
+        land anywhere, including inside BCC's ring-buffer callback, where
+        ctypes swallows it and the Ctrl-C would be lost."""
+        stop = threading.Event()
+        handler = lambda signum, frame: stop.set()   # noqa: E731
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self._done():
-                time.sleep(interval)
+            while not self._done() and not stop.wait(interval):
                 self.tracer.poll_layout()
                 if tick:
                     tick()
-        except (KeyboardInterrupt, Stop):
-            self.log("stopping")
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        if stop.is_set():
+            self.log("stopping")
         self.stopped = time.monotonic()
 
     # -- reporting ----------------------------------------------------------
@@ -233,5 +236,3 @@ def _running_qemus():
                 yield int(name)
 
 
-def _raise_stop(signum, frame):
-    raise Stop()

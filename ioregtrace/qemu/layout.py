@@ -77,6 +77,23 @@ class LayoutHistory:
         """The FlatRange that served (space, addr) at generation `gen`."""
         return self.layout_at(gen).region(space, addr)
 
+    def mr_for(self, rng):
+        """The MemoryRegion behind a range: its own, or, for a range from a
+        QMP snapshot, that of the same range in a mirrored view (else of
+        the only region the mirror saw by that name)."""
+        if rng.mr:
+            return rng.mr
+        by_name = set()
+        for views in self.views.values():
+            for view in views:
+                for r in view.ranges:
+                    if r.name != rng.name:
+                        continue
+                    if (r.start, r.end, r.offset) == (rng.start, rng.end, rng.offset):
+                        return r.mr
+                    by_name.add(r.mr)
+        return by_name.pop() if len(by_name) == 1 else 0
+
     def regions(self):
         """Every MemoryRegion address the mirror saw."""
         return {r.mr for views in self.views.values() for v in views for r in v.ranges if r.mr}
