@@ -109,7 +109,8 @@ class QemuControl:
                 f"pid {pid}: no --qmp socket given, so QEMU's region names are only "
                 "known for memory-map changes made after attach")
             return control
-        control._connect(alive=lambda: os.path.exists(f"/proc/{pid}"))
+        # The user's socket exists already: no need to wait for it to appear.
+        control._connect(alive=lambda: os.path.exists(f"/proc/{pid}"), timeout=2.0)
         return control
 
     def snapshot_at_attach(self, stable):
@@ -130,9 +131,9 @@ class QemuControl:
 
     # -- common -------------------------------------------------------------
 
-    def _connect(self, alive):
+    def _connect(self, alive, timeout=10.0):
         try:
-            self.qmp = Qmp(self.qmp_path, connect_timeout=10.0, alive=alive)
+            self.qmp = Qmp(self.qmp_path, connect_timeout=timeout, alive=alive)
         except QmpError as e:
             self.problems.append(f"QEMU region names from QMP unavailable: {e}")
             self.log(f"warning: {e}")

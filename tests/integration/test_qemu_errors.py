@@ -1,0 +1,111 @@
+"""Acceptance 4 (issue 4): when QEMU's side channel fails, one clear line
+says so and the counts still print."""
+
+import json
+import os
+import socket
+import subprocess
+import threading
+
+import pytest
+
+import qemu_guest as g
+from conftest import IOREGTRACE, load_json, run_cli
+
+pytestmark = pytest.mark.integration
+
+QEMU = "qemu-system-x86_64"
+
+
+def no_traceback(res):
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+
+
+def test_qemu_that_exits_before_qmp_answers(tracing_host, tmp_path):
+    out = tmp_path / "stat.json"
+    res = run_cli("stat", "--json", "-o", str(out), "--", QEMU, "-machine",
+                  "no-such-machine-ioregtrace")
+    no_traceback(res)
+    assert res.returncode == 1                      # QEMU's own status
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("ioregtrace: warn")]
+    assert len(warnings) == 1 and "QEMU exited before its QMP socket" in warnings[0], res.stderr
+    doc = load_json(out)                            # the counts still print
+    assert doc["rows"] == [] and doc["lost_events"] == 0
+    assert any("QMP unavailable" in n for n in doc["notes"])
+
+
+@pytest.fixture
+def running_qemu(tracing_host, tmp_path):
+    """A QEMU running the BAR-move guest (it powers off by itself)."""
+    kernel = tmp_path / "guest.bin"
+    kernel.write_bytes(g.bar_move_guest())
+    vm = subprocess.Popen([QEMU, *g.bar_move_args(kernel)], stderr=subprocess.DEVNULL)
+    yield vm
+    vm.kill()
+    vm.wait()
+
+
+def test_qmp_socket_that_refuses(running_qemu, tmp_path):
+    path = tmp_path / "refuses.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()                                       # the file stays; nobody listens
+    out = tmp_path / "stat.json"
+    res = run_cli("stat", "-p", str(running_qemu.pid), "--qmp", str(path), "-d", "3",
+                  "--json", "-o", str(out))
+    no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0], res.stderr
+    doc = load_json(out)
+    assert doc["rows"], "the counts still print"
+    assert any("Connection refused" in n for n in doc["notes"])
+
+
+class FakeQmp:
+    """A QMP server whose `info mtree -f` has a line ioregtrace cannot parse."""
+
+    MTREE = ("FlatView #0\n"
+             ' AS "I/O", root: io\n'
+             " Root memory region: io\n"
+             "  0000000000000000-000000000000ffff (prio 0, i/o): io\n"
+             "  a line from a future QEMU\n"
+             "\n")
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        f = conn.makefile("rwb")
+        f.write(b'{"QMP": {"version": {"qemu": {"major": 99}}, "capabilities": []}}\n')
+        f.flush()
+        for line in f:
+            cmd = json.loads(line)["execute"]
+            ret = self.MTREE if cmd == "human-monitor-command" else {}
+            f.write(json.dumps({"return": ret}).encode() + b"\n")
+            f.flush()
+
+
+def test_mtree_line_the_parser_does_not_know(tracing_host, tmp_path):
+    path = tmp_path / "fake.sock"
+    FakeQmp(path)
+    out = tmp_path / "stat.json"
+    pid = os.getpid()              # any process: only the QMP side matters here
+    res = run_cli("stat", "-p", str(pid), "--qmp", str(path), "-d", "1", "--json",
+                  "-o", str(out))
+    no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    doc = load_json(out)
+    assert any("does not understand" in n and "a line from a future QEMU" in n
+               for n in doc["notes"]), doc["notes"]
+
+
+def test_qmp_requires_exactly_one_pid(tracing_host):
+    res = run_cli("stat", "--qmp", "/nonexistent.sock", "-d", "1")
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "ioregtrace: error: --qmp needs exactly one -p PID (the QEMU it belongs to)"]
