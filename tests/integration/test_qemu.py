@@ -82,7 +82,7 @@ def assert_agrees_with_qemu_log(doc, log):
         widest = max(int(size) for r in rows for size in r["sizes"])
         if calls[key] > n:        # split: QEMU's handler took narrower pieces
             assert max(logged_sizes[key]) < widest, key
-            assert any(f"QEMU split" in note and region in note for note in doc["notes"])
+            assert any("QEMU split" in note and region in note for note in doc["notes"])
         else:                     # refused: fewer calls than accesses
             assert sum(r["qemu_rejected"] for r in rows) > 0, key
             assert any("QEMU refused" in note and region in note for note in doc["notes"])

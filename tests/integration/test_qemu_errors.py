@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import qemu_guest as g
-from conftest import IOREGTRACE, load_json, run_cli
+from conftest import load_json, run_cli
 
 pytestmark = pytest.mark.integration
 
