@@ -109,3 +109,13 @@ def test_qmp_requires_exactly_one_pid(tracing_host):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         "ioregtrace: error: --qmp needs exactly one -p PID (the QEMU it belongs to)"]
+
+
+def test_attach_without_qmp_says_why_names_are_missing(running_qemu, tmp_path):
+    out = tmp_path / "stat.json"
+    res = run_cli("stat", "-p", str(running_qemu.pid), "-d", "2", "--json", "-o", str(out))
+    no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    doc = load_json(out)
+    assert doc["rows"]
+    assert any("no --qmp socket given" in n for n in doc["notes"]), doc["notes"]
