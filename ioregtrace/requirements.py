@@ -172,6 +172,16 @@ def check_kvm_device():
                      required=False)
 
 
+def check_uprobes():
+    """QEMU's region names as they change need one uprobe on QEMU."""
+    root = tracing_root()
+    ok = bool(root) and os.path.exists(os.path.join(root, "uprobe_events"))
+    return Check("uprobes (QEMU memory-map mirror)", ok,
+                 "available" if ok else "no uprobe_events in tracefs",
+                 fix="a kernel with CONFIG_UPROBE_EVENTS (names then come from QMP "
+                     "snapshots only)", required=False)
+
+
 def all_checks():
     return ([check_privileges()] + check_mounts() + check_tracepoints()
-            + [check_bcc(), check_headers(), check_kvm_device()])
+            + [check_bcc(), check_headers(), check_uprobes(), check_kvm_device()])
