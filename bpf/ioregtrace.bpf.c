@@ -44,7 +44,8 @@
 #define CNT_DROPPED_VMS 6       /* VMM processes that did not fit the vms map */
 #define CNT_INFERRED_EXITS 7    /* exits whose kvm_run could not be read */
 #define CNT_LOST_LAYOUT 8       /* mirror events lost: layout ring buffer full */
-#define NR_COUNTERS 9
+#define CNT_LOST_RAW_EVENTS 9          /* raw access events lost: ring buffer full */
+#define NR_COUNTERS 10
 
 struct access_key {
 	u32 pid;        /* tgid of the VMM process */
@@ -178,6 +179,7 @@ struct thread_state {
 	u8 synced;              /* saw an exit of this thread, or complete */
 	u8 fresh_entry;         /* no kvm event yet since the last KVM_RUN entry */
 	u8 mirrored;            /* its VMM's memory map is mirrored (layouts) */
+	u8 event_sent;          /* event mode: its last userspace access was sent */
 
 	u8 pending;             /* pend_key holds an access awaiting its path */
 	u8 exit_kind;           /* EXIT_* below */
@@ -263,11 +265,12 @@ BPF_HASH(vcpu_runs, struct fd_key, u64, MAX_VCPUS);
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 /* [0] filter on: only tgids in targets; [1] registration generation;
  * [2] next vm serial */
-BPF_ARRAY(config, u64, 4);
+BPF_ARRAY(config, u64, 8);
 #define CFG_FILTER 0
 #define CFG_REG_GEN 1
 #define CFG_VM_SERIAL 2
 #define CFG_MR_NAME_OFFSET 3    /* QEMU's MemoryRegion.name, from its binary */
+#define CFG_EVENTS_LEFT 4       /* event mode: raw access events still to send */
 
 static __always_inline void bump(int idx, u64 n)
 {
@@ -359,7 +362,83 @@ static __always_inline struct thread_state *thread(void)
 	return s;
 }
 
-static __always_inline void count_access(struct access_key *k, u64 n)
+#ifdef WITH_EVENTS
+/* Event mode (record --events N): the first N accesses, one by one, then
+ * the latency of each userspace one when the VMM comes back. */
+struct raw_event {
+	u64 ts;
+	u32 tid;
+	u32 pid;
+	u32 vm;
+	u32 layout;
+	u64 addr;
+	u32 count;
+	u8 space;
+	u8 op;
+	u8 path;
+	u8 size;
+	u8 kind;        /* RAW_ACCESS or RAW_LATENCY (of the thread's last access) */
+	u8 pad[7];
+	u64 latency_ns;
+};
+#define RAW_ACCESS 0
+#define RAW_LATENCY 1
+BPF_RINGBUF_OUTPUT(raw_events, RAW_RING_PAGES);
+
+static __always_inline void send_access(struct thread_state *s, struct access_key *k, u64 n)
+{
+	int idx = CFG_EVENTS_LEFT;
+	s64 *left = (s64 *)config.lookup(&idx);
+	if (!left || *left <= 0 || __sync_fetch_and_add(left, -1) <= 0)
+		return;
+	struct raw_event *e = raw_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		bump(CNT_LOST_RAW_EVENTS, 1);
+		return;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	e->ts = bpf_ktime_get_ns();
+	e->tid = id;
+	e->pid = id >> 32;
+	e->vm = k->vm;
+	e->layout = k->layout;
+	e->addr = k->addr;
+	e->count = n;
+	e->space = k->space;
+	e->op = k->op;
+	e->path = k->path;
+	e->size = k->size;
+	e->kind = RAW_ACCESS;
+	e->latency_ns = 0;
+	raw_events.ringbuf_submit(e, 0);
+	s->event_sent = k->path == PATH_USERSPACE;
+}
+
+static __always_inline void send_latency(struct thread_state *s, u64 ns)
+{
+	if (!s->event_sent)
+		return;
+	s->event_sent = 0;
+	struct raw_event *e = raw_events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		bump(CNT_LOST_RAW_EVENTS, 1);
+		return;
+	}
+	u64 id = bpf_get_current_pid_tgid();
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts = bpf_ktime_get_ns();
+	e->tid = id;
+	e->pid = id >> 32;
+	e->kind = RAW_LATENCY;
+	e->latency_ns = ns;
+	raw_events.ringbuf_submit(e, 0);
+}
+#else
+#define send_access(s, k, n) do { } while (0)
+#define send_latency(s, ns) do { } while (0)
+#endif
+
+static __always_inline void count_access(struct thread_state *s, struct access_key *k, u64 n)
 {
 	u64 zero = 0;
 	u64 *v = accesses.lookup_or_try_init(k, &zero);
@@ -367,6 +446,7 @@ static __always_inline void count_access(struct access_key *k, u64 n)
 		__sync_fetch_and_add(v, n);
 	else
 		bump(CNT_DROPPED_ACCESSES, n);
+	send_access(s, k, n);
 }
 
 /* floor(log2(v)) for v > 0.  (BCC's bpf_log2l() is that plus one.) */
@@ -394,8 +474,9 @@ static __always_inline u32 hist_slot(u64 ns)
 	return ((e - HIST_LOW_SHIFT + 1) << HIST_SUB_BITS) + sub;
 }
 
-static __always_inline void record_latency(struct access_key *k, u64 ns)
+static __always_inline void record_latency(struct thread_state *s, struct access_key *k, u64 ns)
 {
+	send_latency(s, ns);
 	int zero_idx = 0;
 	struct latency *zero = latency_zero.lookup(&zero_idx);
 	if (!zero)
@@ -480,7 +561,7 @@ static __always_inline void settle_in_kernel(struct thread_state *s)
 	if (!s->pending)
 		return;
 	s->pending = 0;
-	count_access(&s->pend_key, s->pend_count);
+	count_access(s, &s->pend_key, s->pend_count);
 }
 
 static __always_inline void set_pending(struct thread_state *s, u32 pid, u8 space,
@@ -504,7 +585,7 @@ static __always_inline void count_now(struct thread_state *s, u32 pid, u8 space,
 	struct access_key k = {.pid = pid, .vm = s->vm, .addr = addr, .space = space,
 			       .op = op, .path = path, .size = size,
 			       .layout = layout_now(s)};
-	count_access(&k, n);
+	count_access(s, &k, n);
 }
 
 /* A read the kernel reports as done.  Returns 1 when it must not be counted
@@ -590,8 +671,8 @@ RAW_TRACEPOINT_PROBE(kvm_pio)
 				       .path = PATH_USERSPACE, .size = size,
 				       .layout = layout_now(s)};
 		s->await_pio_in = 0;
-		count_access(&k, count);
-		record_latency(&k, s->pio_in_ns);
+		count_access(s, &k, count);
+		record_latency(s, &k, s->pio_in_ns);
 	} else if (!suspect_first_read(s)) {
 		count_now(s, pid, SPACE_PIO, port, size, OP_READ, PATH_KERNEL, count);
 	}
@@ -651,7 +732,7 @@ static __always_inline void exit_decoded(struct thread_state *s, u32 pid,
 		/* The traced access itself went out (count: string PIO). */
 		s->pending = 0;
 		s->pend_key.path = PATH_USERSPACE;
-		count_access(&s->pend_key, s->pend_count);
+		count_access(s, &s->pend_key, s->pend_count);
 		s->exit_key = s->pend_key;
 		s->exit_kind = EXIT_KEYED;
 		if (k->space == SPACE_MMIO && k->op == OP_READ) {
@@ -671,7 +752,7 @@ static __always_inline void exit_decoded(struct thread_state *s, u32 pid,
 		k->vm = s->vm;
 		k->path = PATH_USERSPACE;
 		k->layout = layout_now(s);
-		count_access(k, count);
+		count_access(s, k, count);
 		s->exit_key = *k;
 		s->exit_kind = EXIT_KEYED;
 		s->skip_pio_in = 1;
@@ -693,7 +774,7 @@ static __always_inline void exit_inferred(struct thread_state *s, u8 space, u32 
 	if (s->pending && s->pend_key.space == space) {
 		s->pending = 0;
 		s->pend_key.path = PATH_USERSPACE;
-		count_access(&s->pend_key, s->pend_count);
+		count_access(s, &s->pend_key, s->pend_count);
 		s->exit_key = s->pend_key;
 		s->exit_kind = EXIT_KEYED;
 		if (space == SPACE_MMIO && s->pend_key.op == OP_READ) {
@@ -747,7 +828,7 @@ static __always_inline void on_kvm_run(struct thread_state *s, u32 pid, u32 fd)
 	 * the next KVM_RUN call on the same thread, i.e. the time the VMM took
 	 * to handle the exit (including any wait for a device thread). */
 	if (s->exit_kind == EXIT_KEYED) {
-		record_latency(&s->exit_key, bpf_ktime_get_ns() - s->exit_ts);
+		record_latency(s, &s->exit_key, bpf_ktime_get_ns() - s->exit_ts);
 	} else if (s->exit_kind == EXIT_PIO_IN) {
 		s->pio_in_ns = bpf_ktime_get_ns() - s->exit_ts;
 		s->await_pio_in = 1;

@@ -52,15 +52,35 @@ def _target_options(f):
     return f
 
 
+def _render(recording, as_json, by):
+    from .recording import render
+    from .views import stat as stat_view
+    result = render(recording, by=by)
+    return (json.dumps(stat_view.to_json(result), indent=1) + "\n" if as_json
+            else stat_view.table(result))
+
+
+def _write(text, output):
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+_by_option = click.option(
+    "--by", type=click.Choice(["auto", "address", "region"]), default="auto", show_default=True,
+    help="One row per device region, or per guest address. auto: by region when QEMU's "
+         "region names are known.")
+
+
 @cli.command(cls=_PassThrough, context_settings=CONTEXT)
 @_target_options
 @click.option("--json", "as_json", is_flag=True, help="Write JSON instead of a table.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write the result to FILE instead of stdout.")
-@click.option("--by", type=click.Choice(["auto", "address", "region"]), default="auto",
-              show_default=True,
-              help="One row per device region, or per guest address. auto: by region "
-                   "when QEMU's region names are known.")
+@_by_option
 @click.pass_context
 def stat(ctx, pids, duration, qmp, as_json, output, by):
     """Count guest device accesses by address and dispatch path.
@@ -83,23 +103,80 @@ def stat(ctx, pids, duration, qmp, as_json, output, by):
     lets QEMU exit).  Ctrl-C prints what was gathered so far.
     """
     from .session import Session
-    from .views import stat as stat_view
 
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp).start()
     try:
         session.wait()
-        result = session.report(by=by)
-        text = (json.dumps(stat_view.to_json(result), indent=1) + "\n" if as_json
-                else stat_view.table(result))
-        if output:
-            with open(output, "w") as f:
-                f.write(text)
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        _write(_render(session.recording(), as_json, by), output)
     finally:
         status = session.finish()
     ctx.exit(status)
+
+
+@cli.command(cls=_PassThrough, context_settings=CONTEXT)
+@_target_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="The bundle to write (gzip'd JSON).")
+@click.option("--events", type=click.IntRange(min=1), metavar="N",
+              help="Also keep the first N accesses one by one (time, vCPU thread, address, "
+                   "size, op, path, userspace latency).")
+@click.option("--redact", is_flag=True, help="Leave out command lines and the host name.")
+@click.pass_context
+def record(ctx, pids, duration, qmp, output, events, redact):
+    """Record a bug-report bundle: the same data as `stat`, plus host facts
+    (kernel, CPU, BCC, KVM capabilities, probes attached or not and why),
+    per-VM facts (QEMU version, command line, the memory maps used for
+    names) and, with --events, raw access events.  `ioregtrace report FILE`
+    renders it anywhere; `report --json` equals what `stat --json` would
+    have printed.
+
+    \b
+    ioregtrace record -o vm.bundle -p 1234 -d 30
+    ioregtrace record -o boot.bundle --events 100000 -- qemu-system-x86_64 ...
+    """
+    from . import bundle
+    from .session import Session
+
+    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
+                      events=events).start()
+    try:
+        session.wait()
+        recording = session.recording()
+        recording.host = bundle.host_facts()
+        recording.created = bundle.now_iso()
+        bundle.write(output, recording, redact=redact)
+        n_events = len(recording.events.events) if recording.events else 0
+        click.echo(f"ioregtrace: wrote {output}: {sum(recording.snapshot.accesses.values())} "
+                   f"accesses, {len(recording.snapshot.accesses)} keys, {n_events} events",
+                   err=True)
+    finally:
+        status = session.finish()
+    ctx.exit(status)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("bundle_file", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Write JSON (as stat --json).")
+@_by_option
+@click.option("--events", "list_events", is_flag=True,
+              help="List the raw access events instead of the table.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write to FILE instead of stdout.")
+def report(bundle_file, as_json, by, list_events, output):
+    """Render a bundle written by `ioregtrace record`, offline: the same
+    tables as `stat`, or its raw events.  Reading a bundle never runs
+    anything from it; a damaged or foreign file is one error line."""
+    from . import bundle
+    from .views import events as events_view
+
+    recording = bundle.read(bundle_file)
+    if list_events:
+        text = events_view.render(recording, as_json)
+    else:
+        text = _render(recording, as_json, by)
+        if not as_json:
+            text = events_view.header(recording) + text
+    _write(text, output)
 
 
 def _parse_counts(values):

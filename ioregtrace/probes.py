@@ -7,6 +7,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 from . import headers, histogram, keys, kvmapi, requirements
 from .errors import UserError
@@ -28,19 +29,23 @@ MAP_SIZES = {
     "MAX_VCPUS": 8192,
     "REGION_NAME_LEN": 64,
     "LAYOUT_RING_PAGES": 1024,
+    "RAW_RING_PAGES": 4096,        # event mode: 16 MiB, ~260k events between polls
 }
 
 # Order of the counters map (CNT_* in the BPF source).
 COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambiguous",
             "unmatched_exits", "dropped_registrations", "dropped_vms", "inferred_exits",
-            "lost_layout")
+            "lost_layout", "lost_raw_events")
 
-CFG_FILTER, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET = 0, 1, 2, 3
+CFG_FILTER, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET, CFG_EVENTS_LEFT = 0, 1, 2, 3, 4
+RAW_ACCESS, RAW_LATENCY = 0, 1
 REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
 
 
-def compile_flags(have_fast_mmio):
+def compile_flags(have_fast_mmio, events=False):
     flags = ["-Wno-ignored-attributes", "-Wno-unused-function"]
+    if events:
+        flags.append("-DWITH_EVENTS")
     flags += keys.bpf_defines() + histogram.bpf_defines()
     flags += [f"-D{name}={value}" for name, value in MAP_SIZES.items()]
     for name in ("KVM_RUN", "KVM_IOEVENTFD", "KVM_CREATE_VM", "KVM_CREATE_VCPU",
@@ -82,6 +87,30 @@ class RawSnapshot:
     registrations: list = field(default_factory=list)
 
 
+@dataclass
+class RawEvent:
+    """One access, from event mode (record --events)."""
+    ts_ns: int            # CLOCK_MONOTONIC
+    tid: int
+    pid: int
+    vm: int
+    space: int
+    address: int
+    size: int
+    op: int
+    path: int
+    layout: int
+    count: int            # elements (string PIO)
+    latency_ns: Optional[int] = None
+
+
+@dataclass
+class Events:
+    requested: int
+    lost: int = 0
+    events: list = field(default_factory=list)
+
+
 def preflight():
     """The checks that must pass before compiling; raises the first failure
     as one line that names the fix."""
@@ -94,9 +123,10 @@ def preflight():
 
 class Tracer:
     """The loaded BPF program.  `pids`: trace only these processes and their
-    children (None: every KVM VM on the host)."""
+    children (None: every KVM VM on the host).  `events`: also send the
+    first N accesses one by one (event mode)."""
 
-    def __init__(self, pids=None):
+    def __init__(self, pids=None, events=None):
         preflight()
         path, _ = headers.find(build=True)
         if path is None:
@@ -108,7 +138,7 @@ class Tracer:
         from bcc import BPF
         try:
             self.bpf = BPF(src_file=BPF_SOURCE.encode(),
-                           cflags=compile_flags(self.have_fast_mmio))
+                           cflags=compile_flags(self.have_fast_mmio, events=bool(events)))
         except Exception as e:   # BCC raises bare Exception for compile/attach
             raise UserError(f"loading the BPF program failed: {str(e).splitlines()[0]} "
                             "(see `ioregtrace doctor`)") from None
@@ -120,6 +150,12 @@ class Tracer:
         self.filtering = pids is not None
         config = self.bpf["config"]
         config[ctypes.c_int(CFG_REG_GEN)] = ctypes.c_uint64(1)
+        self.events = None
+        if events:
+            self.events = Events(requested=events)
+            self._last_userspace = {}        # tid -> index of its last userspace event
+            config[ctypes.c_int(CFG_EVENTS_LEFT)] = ctypes.c_uint64(events)
+            self.bpf["raw_events"].open_ring_buffer(self._on_raw_event)
         if self.filtering:
             for pid in pids:
                 self.add_target(pid)
@@ -168,10 +204,25 @@ class Tracer:
         self.histories[e.vm].add_section(e.gen, keys.Space(e.space), e.fv, e.start, e.size,
                                          e.name.decode(errors="replace"), e.offset, e.mr)
 
+    def _on_raw_event(self, ctx, data, size):
+        e = self.bpf["raw_events"].event(data)
+        if e.kind == RAW_LATENCY:
+            idx = self._last_userspace.pop(e.tid, None)
+            if idx is not None:
+                self.events.events[idx].latency_ns = e.latency_ns
+            return
+        if e.path == keys.Path.USERSPACE:
+            self._last_userspace[e.tid] = len(self.events.events)
+        self.events.events.append(RawEvent(e.ts, e.tid, e.pid, e.vm, e.space, e.addr, e.size,
+                                           e.op, e.path, e.layout, e.count))
+
     def poll_layout(self):
-        """Consume the mirror's pending events (call often: the ring is finite)."""
-        if self._ring_open:
+        """Consume pending ring-buffer events: the mirror's and, in event mode,
+        the raw accesses (call often: the rings are finite)."""
+        if self._ring_open or self.events is not None:
             self.bpf.ring_buffer_consume()
+
+    poll_events = poll_layout
 
     def vm_serial(self, pid):
         info = self.bpf["vms"].get(ctypes.c_uint32(pid))

@@ -163,7 +163,9 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
         if r.qemu_calls > r.count - (r.qemu_rejected or 0):
             all_notes.append(f"QEMU split {what} into {r.qemu_calls} calls of its handler "
                              f"(access sizes {sizes} wider than it implements)")
-    return Report(duration_s=duration_s, rows=rows, lost_events=c.get("lost_events", 0),
+    # Raw events lost in event mode are lost events too.
+    return Report(duration_s=duration_s, rows=rows,
+                  lost_events=c.get("lost_events", 0) + c.get("lost_raw_events", 0),
                   dropped_keys=c.get("dropped_accesses", 0), diagnostics=dict(c),
                   notes=all_notes, by=mode)
 

@@ -14,13 +14,12 @@ import sys
 import threading
 import time
 
-from . import report as report_mod
 from .errors import UserError
 from .probes import Tracer
 from .qemu import binary as qemu_binary
 from .qemu.control import QemuControl
 from .qemu.layout import LayoutHistory
-from .regions import QemuRegions
+from .recording import Recording, VmFacts
 
 
 def validate_pids(pids):
@@ -61,8 +60,14 @@ def process_exe(pid):
 
 
 class Session:
-    def __init__(self, pids=(), cmd=(), duration=None, qmp=None, log=None):
+    def __init__(self, pids=(), cmd=(), duration=None, qmp=None, events=None, log=None,
+                 child_stdio=None):
+        """events: event mode, the first N accesses one by one (record).
+        child_stdio: where CMD's stdin/stdout/stderr go (None: ours; a
+        full-screen view passes DEVNULL)."""
         self.pids = list(pids)
+        self.events = events
+        self.child_stdio = child_stdio
         self.cmd = list(cmd)
         self.duration = duration
         self.qmp = qmp
@@ -108,7 +113,9 @@ class Session:
         # side follows forks of traced processes, so the child is traced
         # from its first instruction, before it can create its VM.
         initial = self.pids + ([os.getpid()] if self.cmd else [])
-        self.tracer = Tracer(pids=initial if filtered else None)
+        if self.events is not None and self.events <= 0:
+            raise UserError("--events must be > 0")
+        self.tracer = Tracer(pids=initial if filtered else None, events=self.events)
         try:
             self._start_targets(filtered)
         except BaseException:
@@ -132,7 +139,8 @@ class Session:
             binary = self._qemu_binary(self.exe)
             cmd, control = QemuControl.wrap(self.cmd, binary, log=self.log)
             try:
-                self.child = subprocess.Popen(cmd)
+                stdio = self.child_stdio
+                self.child = subprocess.Popen(cmd, stdin=stdio, stdout=stdio, stderr=stdio)
             except OSError as e:
                 raise UserError(f"cannot run {self.cmd[0]}: {e.strerror}") from None
             self.tracer.remove_target(os.getpid())
@@ -186,25 +194,45 @@ class Session:
 
     # -- reporting ----------------------------------------------------------
 
-    def report(self, by="auto"):
-        """Everything gathered so far.  The first call also concludes the
-        QEMU side channels (final map; lets a paused QEMU exit)."""
+    def recording(self):
+        """Everything gathered so far, as a Recording.  The first call also
+        concludes the QEMU side channels (final map; lets a paused QEMU
+        exit)."""
         snapshot = self.tracer.snapshot()
-        histories = dict(self.tracer.histories)     # vm serial -> LayoutHistory
-        vm_names, region_ops, notes = {}, {}, list(self.notes)
+        vms = {serial: VmFacts(serial, history=history)
+               for serial, history in self.tracer.histories.items()}
+        notes = list(self.notes)
         for control in self.controls:
             serial = self.tracer.vm_serial(control.pid) if control.pid else None
-            history = histories.setdefault(serial, LayoutHistory()) if serial else None
-            control.conclude(history)
+            facts = vms.setdefault(serial, VmFacts(serial)) if serial else None
+            if facts is not None and facts.history is None:
+                facts.history = LayoutHistory()
+            control.conclude(facts.history if facts else None)
             notes.extend(control.problems)
-            if history is not None:
-                history.base, history.final = control.base, control.final
-                vm_names[serial] = control.vm_name
-                region_ops[serial] = control.region_ops
-        vm_regions = {serial: QemuRegions(h, region_ops.get(serial))
-                      for serial, h in histories.items() if h.mirrored or h.base or h.final}
-        return report_mod.build(snapshot, self.elapsed, vm_regions=vm_regions,
-                                vm_names=vm_names, by=by, notes=notes)
+            if facts is not None:
+                facts.history.base, facts.history.final = control.base, control.final
+                facts.name = control.vm_name
+                facts.region_ops = control.region_ops
+                facts.qemu_version = control.version_string()
+                facts.cmdline = control.cmdline
+        self.tracer.poll_events()
+        events = self.tracer.events
+        if events is not None:
+            events.lost = snapshot.counters.get("lost_raw_events", 0)
+        return Recording(snapshot=snapshot, duration_s=self.elapsed, vms=vms, notes=notes,
+                         events=events, probes=self.probe_facts())
+
+    def probe_facts(self):
+        attached = list(self.tracer.attached_probes())
+        attached += [f"uprobe:{path}:flatview_add_to_dispatch"
+                     for path in self.tracer.mirrored_binaries]
+        unavailable = {}
+        if not self.tracer.have_fast_mmio:
+            unavailable["kvm:kvm_fast_mmio"] = "absent from this kernel (VMX fast path only)"
+        for note in self.notes:
+            if note.startswith("QEMU memory map not mirrored"):
+                unavailable["uprobe:flatview_add_to_dispatch"] = note
+        return {"attached": attached, "unavailable": unavailable}
 
     def finish(self):
         """After reporting: collect CMD's exit status (CMD got the same

@@ -26,6 +26,14 @@ def _has_option(args, name):
     return any(a in (f"-{name}", f"--{name}") for a in args)
 
 
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+
+
 def vm_name_from_args(args):
     """-name NAME or -name guest=NAME,...: what the user calls the VM."""
     for i, a in enumerate(args[:-1]):
@@ -50,7 +58,8 @@ class QemuControl:
         self.log = log or (lambda msg: None)
         self.qmp = None
         self.vm_name = None
-        self.version = None
+        self.version = None           # QMP greeting's {"major", "minor", "micro"}
+        self.cmdline = None           # QEMU's argv, when known
         self.base = None              # FlatLayout at attach (before mirrored changes)
         self.final = None             # FlatLayout when tracing stopped
         self.problems = []            # one line each, for the report's notes
@@ -76,6 +85,7 @@ class QemuControl:
         control = cls(qmp_path=sock, owns_shutdown=owns, tmpdir=tmpdir, binary=binary,
                       log=log)
         control.vm_name = vm_name_from_args(cmd[1:])
+        control.cmdline = list(cmd) + extra
         return list(cmd) + extra, control
 
     def started(self, pid, alive):
@@ -104,6 +114,9 @@ class QemuControl:
     @classmethod
     def attach(cls, pid, qmp_path, binary=None, log=None):
         control = cls(pid=pid, qmp_path=qmp_path, binary=binary, log=log)
+        control.cmdline = _cmdline(pid)
+        if control.cmdline:
+            control.vm_name = vm_name_from_args(control.cmdline[1:])
         if qmp_path is None:
             control.problems.append(
                 f"pid {pid}: no --qmp socket given, so QEMU's region names are only "
@@ -185,6 +198,11 @@ class QemuControl:
             self.qmp.command("quit")
         except QmpError:
             pass          # it is exiting either way
+
+    def version_string(self):
+        v = self.version or {}
+        return "{major}.{minor}.{micro}".format(**v) if {"major", "minor", "micro"} <= set(v) \
+            else None
 
     def close(self):
         if self.qmp is not None:
