@@ -179,6 +179,50 @@ def report(bundle_file, as_json, by, list_events, output):
     _write(text, output)
 
 
+@cli.command(cls=_PassThrough, context_settings=CONTEXT)
+@_target_options
+@click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0,
+              show_default=True, metavar="SECONDS", help="Refresh every SECONDS.")
+@click.pass_context
+def top(ctx, pids, duration, qmp, interval):
+    """Live view of guest device accesses (also installed as `ioregtop`).
+
+    One row per VM x region x path: accesses/s and userspace latency
+    p50/p99 in the last interval, total and share since start.  Keys: q
+    quit, s sort, g group (region / address / path), p pid filter, space
+    pause, h help.  CMD's output is discarded while the view is up.
+
+    \b
+    ioregtop                              every KVM VM
+    ioregtop -p 1234 --qmp /run/vm1.qmp   one QEMU, with region names
+    ioregtop -- qemu-system-x86_64 ...
+    """
+    import subprocess
+
+    from .session import Session
+    from .views import top as top_view
+
+    if not sys.stdout.isatty():
+        raise UserError("ioregtop needs a terminal; use `ioregtrace stat` for output to a "
+                        "pipe or file")
+    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
+                      child_stdio=subprocess.DEVNULL, log=lambda msg: None).start()
+    try:
+        quit_pressed = top_view.run(session, interval)
+        if quit_pressed:
+            session.end_command()
+        session.stop()
+        session.recording()      # lets a QEMU paused at its shutdown exit
+    finally:
+        status = session.finish()
+    ctx.exit(0 if quit_pressed else status)
+
+
+def top_main():
+    """The `ioregtop` console script: `ioregtrace top` under its own name."""
+    main(["top"] + sys.argv[1:])
+
+
 def _parse_counts(values):
     counts = {}
     for value in values:
@@ -204,8 +248,10 @@ def _parse_counts(values):
 @click.option("--churn", is_flag=True,
               help="After the measured pass, deassign the datamatch ioeventfd and "
                    "unregister the coalesced zones, then run the mix again.")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run the measured pass this many times (a long-running VM).")
 @click.option("--list", "list_mix", is_flag=True, help="Print the mix and exit.")
-def demo(truth, scale, sets, delay_us, wait_signal, churn, list_mix):
+def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, list_mix):
     """Run the built-in demo VM: a tiny VMM on /dev/kvm whose guest makes a
     known mix of device accesses over every dispatch path.
 
@@ -229,7 +275,7 @@ def demo(truth, scale, sets, delay_us, wait_signal, churn, list_mix):
         return
     try:
         run.run(scale=scale, counts=counts, delay_us=delay_us, wait_signal=wait_signal,
-                churn=churn, truth_path=truth)
+                churn=churn, repeat=repeat, truth_path=truth)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -243,6 +243,11 @@ class Tracer:
             probes.append("kvm:kvm_fast_mmio")
         return probes
 
+    def snapshot_vms(self):
+        return {v.serial: VmInfo(k.value, v.serial, bool(v.complete),
+                                 v.comm.decode(errors="replace"))
+                for k, v in self.bpf["vms"].items()}
+
     def snapshot(self):
         self.poll_layout()
         snap = RawSnapshot(taken=time.monotonic())
@@ -251,9 +256,7 @@ class Tracer:
         for k, v in _items(self.bpf["latencies"]):
             snap.latencies[(k.vm, _access_key(k))] = LatencyStats(
                 v.count, v.sum_ns, v.max_ns, list(v.slots)[:histogram.SLOTS])
-        for k, v in self.bpf["vms"].items():
-            snap.vms[v.serial] = VmInfo(k.value, v.serial, bool(v.complete),
-                                        v.comm.decode(errors="replace"))
+        snap.vms = self.snapshot_vms()
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf["counters"][ctypes.c_int(i)])
         for k in self.bpf["reg_history"].keys():

@@ -15,6 +15,17 @@ from .regions import FallbackNamer
 BY_ADDRESS = "address"
 BY_REGION = "region"
 
+# Which accesses share a row, by grouping: (vm serial, key, region) -> group.
+GROUPS = {
+    BY_ADDRESS: lambda vm, k, region: (vm, k.pid, k.space, k.address, k.size, k.op, k.path,
+                                       region),
+    BY_REGION: lambda vm, k, region: (vm, k.pid, k.space, region, k.op, k.path),
+    # The live view: one row per VM x region (or address, or nothing) x path.
+    "top-region": lambda vm, k, region: (vm, k.pid, region, k.path),
+    "top-address": lambda vm, k, region: (vm, k.pid, k.space, k.address, region, k.path),
+    "top-path": lambda vm, k, region: (vm, k.pid, k.path),
+}
+
 # Paths whose accesses QEMU's device models are called for (so QEMU's own
 # memory_region_ops trace sees them).
 QEMU_DISPATCHED = (Path.USERSPACE, Path.COALESCED)
@@ -42,6 +53,8 @@ class Row:
     sizes: collections.Counter = field(default_factory=collections.Counter)
     qemu_calls: Optional[int] = None
     qemu_rejected: Optional[int] = None
+    group: tuple = ()                 # what the row's accesses share
+    ops: set = field(default_factory=set)
 
     @property
     def latency(self):
@@ -116,12 +129,10 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
         named.append((vm, key, count, region, calls))
 
     mode = by if by != "auto" else (BY_REGION if vm_regions else BY_ADDRESS)
+    grouping = GROUPS[mode]
     rows = {}
     for vm, key, count, region, calls in named:
-        if mode == BY_REGION:
-            group = (vm, key.pid, key.space, region, key.op, key.path)
-        else:
-            group = (vm, key.pid, key.space, key.address, key.size, key.op, key.path, region)
+        group = grouping(vm, key, region)
         stats = snapshot.latencies.get((vm, key))
         row = rows.get(group)
         if row is None:
@@ -129,7 +140,8 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
             row = rows[group] = Row(
                 key=AccessKey(key.pid, key.space, key.address, key.size, key.op, key.path),
                 vm=vm, comm=info.comm if info else "?", region=region, count=0,
-                vm_name=vm_names.get(vm), qemu_calls=calls[0], qemu_rejected=calls[1])
+                vm_name=vm_names.get(vm), qemu_calls=calls[0], qemu_rejected=calls[1],
+                group=group)
         else:
             k = row.key
             row.key = AccessKey(k.pid, k.space, min(k.address, key.address),
@@ -140,6 +152,7 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
         row.stats = merge_stats(row.stats, stats)
         row.addresses.add(key.address)
         row.sizes[key.size] += count
+        row.ops.add(key.op)
     rows = sorted(rows.values(), key=lambda r: (-r.count, r.key, r.region or ""))
     c = snapshot.counters
     all_notes = list(notes) + notes_for(snapshot, rows)

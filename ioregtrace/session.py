@@ -6,6 +6,7 @@ QEMU targets get more: the BPF mirror of QEMU's memory map on their binary,
 and a QMP side channel (our own monitor in wrapper mode, --qmp in attach
 mode) for the map at attach and at the end."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -159,7 +160,7 @@ class Session:
 
     # -- running ------------------------------------------------------------
 
-    def _done(self):
+    def done(self):
         if self.duration is not None and time.monotonic() - self.started >= self.duration:
             return True
         if any(c.shutdown_seen.is_set() for c in self.controls):
@@ -170,9 +171,9 @@ class Session:
             return not any(os.path.exists(f"/proc/{pid}") for pid in self.pids)
         return False
 
-    def wait(self, tick=None, interval=0.1):
-        """Block until the session ends; `tick()` is called every interval
-        (live views).  Ctrl-C and SIGTERM end it too, and still report.
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """An Event that Ctrl-C or SIGTERM sets, while inside the block.
 
         The handlers only set a flag: an exception raised from a signal can
         land anywhere, including inside BCC's ring-buffer callback, where
@@ -181,23 +182,36 @@ class Session:
         handler = lambda signum, frame: stop.set()   # noqa: E731
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self._done() and not stop.wait(interval):
-                self.tracer.poll_layout()
-                if tick:
-                    tick()
+            yield stop
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+    def wait(self, interval=0.1):
+        """Block until the session ends.  Ctrl-C and SIGTERM end it too, and
+        it still reports."""
+        with self.stop_signals() as stop:
+            while not self.done() and not stop.wait(interval):
+                self.tracer.poll_layout()
         if stop.is_set():
             self.log("stopping")
-        self.stopped = time.monotonic()
+        self.stop()
+
+    def stop(self):
+        if self.stopped is None:
+            self.stopped = time.monotonic()
+
+    def end_command(self):
+        """Ask CMD to end (a live view was quit while it still ran)."""
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
 
     # -- reporting ----------------------------------------------------------
 
-    def recording(self):
-        """Everything gathered so far, as a Recording.  The first call also
-        concludes the QEMU side channels (final map; lets a paused QEMU
-        exit)."""
+    def recording(self, live=False):
+        """Everything gathered so far, as a Recording.  Unless `live` (a
+        periodic refresh), this also concludes the QEMU side channels (final
+        map; lets a paused QEMU exit)."""
         snapshot = self.tracer.snapshot()
         vms = {serial: VmFacts(serial, history=history)
                for serial, history in self.tracer.histories.items()}
@@ -207,7 +221,8 @@ class Session:
             facts = vms.setdefault(serial, VmFacts(serial)) if serial else None
             if facts is not None and facts.history is None:
                 facts.history = LayoutHistory()
-            control.conclude(facts.history if facts else None)
+            if not live:
+                control.conclude(facts.history if facts else None)
             notes.extend(control.problems)
             if facts is not None:
                 facts.history.base, facts.history.final = control.base, control.final
@@ -221,6 +236,11 @@ class Session:
             events.lost = snapshot.counters.get("lost_raw_events", 0)
         return Recording(snapshot=snapshot, duration_s=self.elapsed, vms=vms, notes=notes,
                          events=events, probes=self.probe_facts())
+
+    def vms_alive(self):
+        """How many traced VMM processes are running now."""
+        return sum(1 for info in self.tracer.snapshot_vms().values()
+                   if os.path.exists(f"/proc/{info.pid}"))
 
     def probe_facts(self):
         attached = list(self.tracer.attached_probes())

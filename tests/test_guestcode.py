@@ -72,3 +72,11 @@ def test_zero_count_loop_emits_nothing():
 def test_eight_byte_access_is_refused():
     with pytest.raises(ValueError):
         GuestCode(0).store(0x1000, 8)
+
+
+def test_outer_loop_on_ebp_matches_gnu_as():
+    code = GuestCode(0x1000)
+    code.loop(3, lambda: code.loop(2, lambda: code.out(1)), reg=5)
+    expected = assemble("mov ebp, 3\nouter:\nmov ebx, 2\ninner:\nout dx, al\ndec ebx\n"
+                        "jnz.d32 inner\ndec ebp\njnz.d32 outer")
+    assert code.bytes() == expected

@@ -64,14 +64,15 @@ class GuestCode:
         """rep insb/insw/insd: ECX elements from port DX to [EDI]."""
         self._emit({1: b"\xF3\x6C", 2: b"\x66\xF3\x6D", 4: b"\xF3\x6D"}[size])
 
-    def loop(self, count, body):
-        """Run body() `count` times, counting down in EBX."""
+    def loop(self, count, body, reg=3):
+        """Run body() `count` times, counting down in EBX (or `reg`: EBP=5
+        for an outer loop around loops)."""
         if count <= 0:
             return
-        self.mov_imm(3, count)
+        self.mov_imm(reg, count)
         top = self.here
         body()
-        self._emit(0x4B)                      # dec ebx
+        self._emit(0x48 + reg)                # dec r32
         rel = top - (self.here + 6)
         self._emit(0x0F, 0x85, struct.pack("<i", rel))   # jnz top
 

@@ -23,7 +23,7 @@ def truth_document(vm, elapsed):
             "dropped_keys": 0, "rows": vm.truth.rows(_comm())}
 
 
-def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False,
+def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False, repeat=1,
         truth_path=None, log=None):
     log = log or (lambda msg: print(f"ioregtrace demo: {msg}", file=sys.stderr, flush=True))
     sync = None
@@ -37,7 +37,7 @@ def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False,
             signal.sigwait({signal.SIGUSR1})
             log("measuring")
     mix = build_mix(scale, counts)
-    vm = DemoVM(mix, delay_s=delay_us / 1e6, sync=sync, churn=churn)
+    vm = DemoVM(mix, delay_s=delay_us / 1e6, sync=sync, churn=churn, repeat=repeat)
     try:
         vm.load_program()
         elapsed = vm.run_guest()

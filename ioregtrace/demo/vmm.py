@@ -118,7 +118,7 @@ class Truth:
 
 
 class DemoVM:
-    def __init__(self, mix, delay_s=0.001, sync=None, churn=False):
+    def __init__(self, mix, delay_s=0.001, sync=None, churn=False, repeat=1):
         """sync: None, or a callable run when the guest reaches the end of
         its warm-up pass (the demo's attach point); the truth is reset there
         so it covers only the measured pass.
@@ -128,6 +128,7 @@ class DemoVM:
         self.mix = mix
         self.sync = sync
         self.churn = churn
+        self.repeat = repeat
         self.truth = Truth(os.getpid())
         self.eventfds = {}        # (space, addr, size) -> eventfd for that doorbell
         self.kernel_program = collections.Counter()
@@ -235,20 +236,22 @@ class DemoVM:
 
     # -- guest program ----------------------------------------------------
 
-    def _emit_pass(self, code, blocks, record):
-        """One pass over the mix; `record` says whether this pass is measured
-        (the kernel-path truth is what the program did in that pass)."""
+    def _emit_pass(self, code, blocks, record, repeat=1):
+        """`repeat` passes over the mix; `record` says whether they are
+        measured (the kernel-path truth is what the program did in them)."""
+        def one_pass():
+            for block in blocks:
+                if block.count:
+                    code.loop(block.count, lambda b=block: [self._emit_access(code, a)
+                                                            for a in b.body])
+        code.loop(repeat, one_pass, reg=5)
+        if not record:
+            return
         for block in blocks:
-            if block.count == 0:
-                continue
-            code.loop(block.count, lambda b=block: [self._emit_access(code, a)
-                                                    for a in b.body])
-            if not record:
-                continue
             for a in block.body:
                 if a.expect == Path.KERNEL:
                     self.kernel_program[(a.space, a.address, a.size, a.op)] \
-                        += block.count * a.rep
+                        += repeat * block.count * a.rep
 
     @staticmethod
     def _emit_access(code, a):
@@ -284,7 +287,7 @@ class DemoVM:
         if self.sync is not None:
             self._emit_pass(code, self.mix, record=False)
             self._control(code, CONTROL_SYNC)
-        self._emit_pass(code, self.mix, record=True)
+        self._emit_pass(code, self.mix, record=True, repeat=self.repeat)
         if self.churn:
             self._control(code, CONTROL_CHURN)
             self._emit_pass(code, self.mix, record=True)

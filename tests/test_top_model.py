@@ -1,0 +1,93 @@
+"""ioregtop's model and layout, without a terminal."""
+
+from ioregtrace import histogram
+from ioregtrace.keys import AccessKey, Op, Path, Space
+from ioregtrace.probes import LatencyStats, RawSnapshot, VmInfo
+from ioregtrace.recording import Recording
+from ioregtrace.views import top
+
+
+def lat(samples):
+    slots = [0] * histogram.SLOTS
+    for ns in samples:
+        slots[histogram.slot_of(ns)] += 1
+    return LatencyStats(len(samples), sum(samples), max(samples), slots)
+
+
+FAST = AccessKey(10, Space.MMIO, 0x1000, 4, Op.READ, Path.USERSPACE)
+FAST_W = AccessKey(10, Space.MMIO, 0x1000, 4, Op.WRITE, Path.USERSPACE)
+SLOW = AccessKey(10, Space.MMIO, 0x2000, 4, Op.READ, Path.USERSPACE)
+BELL = AccessKey(20, Space.MMIO, 0x3000, 4, Op.WRITE, Path.IOEVENTFD)
+
+
+def recording(counts, lats, duration):
+    snap = RawSnapshot(taken=duration)
+    snap.vms = {1: VmInfo(10, 1, True, "qemu"), 2: VmInfo(20, 2, True, "demo")}
+    snap.counters = {"lost_events": 0, "dropped_accesses": 0}
+    vm = {10: 1, 20: 2}
+    snap.accesses = {(vm[k.pid], k): n for k, n in counts.items()}
+    snap.latencies = {(vm[k.pid], k): s for k, s in lats.items()}
+    return Recording(snapshot=snap, duration_s=duration)
+
+
+def test_rates_and_latency_are_for_the_last_interval():
+    m = top.TopModel()
+    m.refresh(recording({FAST: 100, SLOW: 10}, {FAST: lat([5000] * 100),
+                                                SLOW: lat([2_000_000] * 10)}, 1.0), now=1.0)
+    m.refresh(recording({FAST: 300, FAST_W: 50, SLOW: 10, BELL: 40},
+                        {FAST: lat([5000] * 100 + [9000] * 200), SLOW: lat([2_000_000] * 10)},
+                        3.0), now=3.0)
+    rows = {(r.pid, r.label): r for r in m.visible()}
+    fast = rows[(10, "mmio@0x1000")]
+    assert fast.total == 350 and fast.ops == "RW"
+    assert fast.rate == (200 + 50) / 2.0
+    assert 9.0 <= fast.p50_us <= 9.0 * 1.125            # only the new samples
+    slow = rows[(10, "mmio@0x2000")]
+    assert slow.rate == 0 and slow.p99_us is None       # nothing new this interval
+    assert rows[(20, "mmio@0x3000")].rate == 20.0
+    assert m.total == 400 and m.rate == 125 + 20
+
+
+def test_sort_group_and_filter():
+    m = top.TopModel()
+    rec = recording({FAST: 100, SLOW: 10, BELL: 50}, {FAST: lat([5000] * 100),
+                                                     SLOW: lat([3_000_000] * 10)}, 1.0)
+    m.refresh(rec, now=1.0)
+    assert [r.label for r in m.visible()] == ["mmio@0x1000", "mmio@0x3000", "mmio@0x2000"]
+    m.cycle_sort()
+    assert m.sort == "total"
+    m.cycle_sort()
+    assert m.sort == "p99" and m.visible()[0].label == "mmio@0x2000"
+    m.cycle_sort()
+    assert m.sort == "name" and [r.label for r in m.visible()][0] == "mmio@0x1000"
+    m.pid = 20
+    assert [r.pid for r in m.visible()] == [20]
+    m.pid = None
+    m.cycle_group()
+    assert m.group == "address"
+    m.refresh(rec, now=2.0)
+    assert {r.label for r in m.visible()} == {"mmio@0x1000", "mmio@0x2000", "mmio@0x3000"}
+    m.cycle_group()
+    m.refresh(rec, now=3.0)
+    assert {(r.pid, r.label, r.path) for r in m.visible()} == {
+        (10, "-", "userspace"), (20, "-", "ioeventfd")}
+
+
+def test_screen_lines_fit_the_terminal():
+    m = top.TopModel()
+    long = AccessKey(10, Space.MMIO, 0xFEBF0000, 4, Op.READ, Path.USERSPACE)
+    m.refresh(recording({FAST: 10**9, long: 5}, {}, 1.0), now=1.0)
+    for width, height in ((80, 24), (60, 10), (200, 50)):
+        text = top.lines(m, width, height, "tracing")
+        assert len(text) <= height and all(len(line) < width for line in text)
+    assert " VM " not in top.lines(m, 80, 24, "tracing")[4]
+    assert " VM " in top.lines(m, 140, 24, "tracing")[4]
+
+
+def test_empty_and_filtered_screens_say_so():
+    m = top.TopModel()
+    m.refresh(recording({}, {}, 1.0), now=1.0)
+    assert "(no guest device accesses yet)" in top.lines(m, 80, 24, "tracing")
+    m.refresh(recording({FAST: 1}, {}, 2.0), now=2.0)
+    m.pid = 99
+    assert "(no rows for pid 99)" in top.lines(m, 80, 24, "tracing")
