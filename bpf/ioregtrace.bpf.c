@@ -71,6 +71,7 @@ struct vm_info {
 	u32 serial;
 	u32 complete;   /* KVM_CREATE_VM was seen: every registration is known */
 	char comm[16];
+	u64 exited_ns;  /* its group leader exited (0: running); the pid may be reused */
 };
 
 struct reg_key {        /* one guest address of one VM on one bus */
@@ -301,10 +302,12 @@ static __always_inline u32 layout_now(struct thread_state *s)
 	return l ? l->gen : 0;
 }
 
+/* The VM serial of process `pid`.  A pid whose previous owner exited gets
+ * a new serial: pid reuse never merges two VMs. */
 static __always_inline struct vm_info *vm_of(u32 pid)
 {
 	struct vm_info *vi = vms.lookup(&pid);
-	if (vi)
+	if (vi && !vi->exited_ns)
 		return vi;
 	struct vm_info fresh = {};
 	int idx = CFG_VM_SERIAL;
@@ -313,7 +316,7 @@ static __always_inline struct vm_info *vm_of(u32 pid)
 		return 0;
 	fresh.serial = __sync_fetch_and_add(serial, 1) + 1;
 	bpf_get_current_comm(&fresh.comm, sizeof(fresh.comm));
-	vms.insert(&pid, &fresh);
+	vms.update(&pid, &fresh);
 	vi = vms.lookup(&pid);
 	if (!vi)
 		bump(CNT_DROPPED_VMS, 1);
@@ -1144,8 +1147,14 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = id;
-	if (tid != (u32)(id >> 32))
+	u32 tid = id, tgid = id >> 32;
+	if (tid != tgid) {
 		targets.delete(&tid);
+		return 0;
+	}
+	/* The group leader: the VMM process is going away. */
+	struct vm_info *vi = vms.lookup(&tgid);
+	if (vi && !vi->exited_ns)
+		vi->exited_ns = bpf_ktime_get_ns();
 	return 0;
 }

@@ -218,6 +218,86 @@ def top(ctx, pids, duration, qmp, interval):
     ctx.exit(0 if quit_pressed else status)
 
 
+def _listen_address(text):
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--listen {text}: expected HOST:PORT, e.g. 127.0.0.1:9860")
+    return host, int(port)
+
+
+@cli.command(cls=_PassThrough, context_settings=CONTEXT)
+@_target_options
+@click.option("--listen", default="127.0.0.1:9860", show_default=True, metavar="HOST:PORT",
+              help="Where to serve /metrics. Loopback by default; anything else is "
+                   "reachable from the network.")
+@click.option("--by", type=click.Choice(["region", "address"]), default="region",
+              show_default=True, help="Label series by region, or also by guest address.")
+@click.option("--max-series", type=click.IntRange(min=1), metavar="N",
+              help="Export at most N access series; further ones add to an 'other' series.")
+@click.option("--grace", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              metavar="SECONDS", help="Keep exporting a VM this long after it exits.")
+@click.pass_context
+def serve(ctx, pids, duration, qmp, listen, by, max_series, grace):
+    """Serve the counts as Prometheus metrics on /metrics.
+
+    \b
+    ioregtrace_accesses_total{vm,pid,region,space,op,path}        counter
+    ioregtrace_userspace_dispatch_seconds{vm,pid,region,space,op} histogram
+    ioregtrace_lost_events_total, ioregtrace_dropped_keys_total   counters
+    ioregtrace_vms, ioregtrace_series_folded                      gauges
+    ioregtrace_build_info{version,kernel,bcc}                     info
+
+    The maps are read at scrape time (at most 4 times a second).  It runs
+    until Ctrl-C or -d; after CMD or the -p processes end it keeps serving
+    their final counts for --grace seconds.  See dashboards/ for Grafana.
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from .session import Session
+    from .views.exporter import Exporter
+
+    host, port = _listen_address(listen)
+    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=None, qmp=qmp).start()
+    status = 0
+    try:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Exporter(session, by=by, max_series=max_series, grace_s=grace))
+        try:
+            server, _ = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            session.log(f"warning: serving on {host}:{port}, reachable from the network")
+        session.log(f"serving http://{host}:{port}/metrics; Ctrl-C to stop")
+        _serve_until_stopped(session, duration)
+        server.shutdown()
+    finally:
+        status = session.finish()
+    ctx.exit(status)
+
+
+def _serve_until_stopped(session, duration):
+    """Keep the session's data flowing until Ctrl-C or -d.  When CMD or the
+    guest ends, conclude once (QEMU's final map; lets a paused QEMU exit)
+    and keep serving the final counts."""
+    import time
+    concluded = False
+    with session.stop_signals() as stop:
+        while not stop.wait(0.1):
+            with session.tracer.lock:
+                session.tracer.poll()
+                if session.done() and not concluded:
+                    session.recording()
+                    concluded = True
+                    session.log("the traced VMs have ended; still serving their counts")
+            if duration is not None and time.monotonic() - session.started >= duration:
+                break
+    session.stop()
+
+
 def top_main():
     """The `ioregtop` console script: `ioregtrace top` under its own name."""
     main(["top"] + sys.argv[1:])

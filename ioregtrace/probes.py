@@ -5,6 +5,7 @@ about rows or views."""
 import collections
 import ctypes
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -72,6 +73,7 @@ class VmInfo:
     serial: int
     complete: bool     # saw KVM_CREATE_VM: every registration is known
     comm: str
+    exited_ns: int = 0     # CLOCK_MONOTONIC when the process exited; 0: running
 
 
 @dataclass
@@ -147,6 +149,10 @@ class Tracer:
         self.mirrored_binaries = {}          # path -> QemuBinary
         self._ring_open = False
         self.layout_events = 0
+        self.known_vms = {}                  # vm serial -> VmInfo, kept after exit
+        # BCC's tables and ring buffers are not thread-safe; the exporter
+        # reads from its HTTP threads while the session polls.
+        self.lock = threading.RLock()
         self.filtering = pids is not None
         config = self.bpf["config"]
         config[ctypes.c_int(CFG_REG_GEN)] = ctypes.c_uint64(1)
@@ -216,13 +222,15 @@ class Tracer:
         self.events.events.append(RawEvent(e.ts, e.tid, e.pid, e.vm, e.space, e.addr, e.size,
                                            e.op, e.path, e.layout, e.count))
 
-    def poll_layout(self):
-        """Consume pending ring-buffer events: the mirror's and, in event mode,
-        the raw accesses (call often: the rings are finite)."""
-        if self._ring_open or self.events is not None:
-            self.bpf.ring_buffer_consume()
-
-    poll_events = poll_layout
+    def poll(self):
+        """Consume pending ring-buffer events (the mirror's and, in event
+        mode, the raw accesses) and note new VMs.  Call often: the rings are
+        finite, and a pid reused before the next look would hide its first
+        owner."""
+        with self.lock:
+            if self._ring_open or self.events is not None:
+                self.bpf.ring_buffer_consume()
+            self.snapshot_vms()
 
     def vm_serial(self, pid):
         info = self.bpf["vms"].get(ctypes.c_uint32(pid))
@@ -244,12 +252,21 @@ class Tracer:
         return probes
 
     def snapshot_vms(self):
-        return {v.serial: VmInfo(k.value, v.serial, bool(v.complete),
-                                 v.comm.decode(errors="replace"))
-                for k, v in self.bpf["vms"].items()}
+        """Every VMM process seen, by serial, including ones whose pid has
+        since been reused (the map only holds a pid's latest)."""
+        with self.lock:
+            items = list(self.bpf["vms"].items())
+        for k, v in items:
+            self.known_vms[v.serial] = VmInfo(k.value, v.serial, bool(v.complete),
+                                              v.comm.decode(errors="replace"), v.exited_ns)
+        return dict(self.known_vms)
 
     def snapshot(self):
-        self.poll_layout()
+        with self.lock:
+            return self._snapshot()
+
+    def _snapshot(self):
+        self.poll()
         snap = RawSnapshot(taken=time.monotonic())
         for k, v in _items(self.bpf["accesses"]):
             snap.accesses[(k.vm, _access_key(k))] = getattr(v, "value", v)

@@ -154,7 +154,7 @@ class Session:
 
     def _layout_stable(self):
         """No QEMU flat view was built since the last call."""
-        self.tracer.poll_layout()
+        self.tracer.poll()
         mark, self._layout_mark = self._layout_mark, self.tracer.layout_events
         return mark == self._layout_mark
 
@@ -192,7 +192,7 @@ class Session:
         it still reports."""
         with self.stop_signals() as stop:
             while not self.done() and not stop.wait(interval):
-                self.tracer.poll_layout()
+                self.tracer.poll()
         if stop.is_set():
             self.log("stopping")
         self.stop()
@@ -230,7 +230,7 @@ class Session:
                 facts.region_ops = control.region_ops
                 facts.qemu_version = control.version_string()
                 facts.cmdline = control.cmdline
-        self.tracer.poll_events()
+        self.tracer.poll()
         events = self.tracer.events
         if events is not None:
             events.lost = snapshot.counters.get("lost_raw_events", 0)
@@ -239,8 +239,7 @@ class Session:
 
     def vms_alive(self):
         """How many traced VMM processes are running now."""
-        return sum(1 for info in self.tracer.snapshot_vms().values()
-                   if os.path.exists(f"/proc/{info.pid}"))
+        return sum(1 for info in self.tracer.snapshot_vms().values() if not info.exited_ns)
 
     def probe_facts(self):
         attached = list(self.tracer.attached_probes())

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 # BCC and its interpreter; QEMU for the QEMU tests; binutils, gcc and the
 # uapi headers for the tests that check our x86 encoder and KVM ABI copy.
-PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux binutils gcc
+PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux prometheus binutils gcc
 	libc6-dev linux-libc-dev util-linux)
 
 log() { echo "setup: $*"; }

@@ -92,7 +92,8 @@ class Truth:
         self.latency_ns = collections.defaultdict(list)
 
     def add(self, space, address, size, op, path, count=1):
-        self.counts[AccessKey(self.pid, space, address, size, op, path)] += count
+        if count:
+            self.counts[AccessKey(self.pid, space, address, size, op, path)] += count
 
     def add_latency(self, key, ns):
         self.latency_ns[key].append(ns)

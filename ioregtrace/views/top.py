@@ -224,7 +224,7 @@ def run(session, interval):
                 if now >= next_refresh and not model.paused:
                     model.refresh(session.recording(live=True), now, session.vms_alive())
                     next_refresh = now + interval
-                session.tracer.poll_layout()
+                session.tracer.poll()
                 status = "PAUSED" if model.paused else "tracing"
                 draw(scr, model, status, message, help_shown)
                 ch = scr.getch()

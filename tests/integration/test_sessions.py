@@ -1,7 +1,9 @@
 """How `stat` starts and stops: CMD's exit status, children of CMD,
 Ctrl-C / SIGTERM still printing what was gathered, -d."""
 
+import collections
 import signal
+import subprocess
 
 import pytest
 
@@ -50,3 +52,35 @@ def test_duration_ends_the_session(tracing_host, tmp_path):
     res = run_cli("stat", "-d", "1", "--json", "-o", str(out), timeout=60)
     assert res.returncode == 0, res.stderr
     assert 1.0 <= load_json(out)["duration_s"] < 5.0
+
+
+def test_a_reused_pid_is_a_new_vm(tracing_host, tmp_path):
+    """Two demo VMs, one after the other, on the same pid (forced through
+    ns_last_pid): two VMs in the output, each with its own exact counts."""
+    out, t1, t2 = tmp_path / "stat.json", tmp_path / "t1.json", tmp_path / "t2.json"
+    stat = Watched([IOREGTRACE, "stat", "--json", "-o", str(out)])
+    try:
+        stat.wait_for("tracing every KVM VM")
+        demo = [IOREGTRACE, "demo", "--scale", "0.1", "--delay-us", "100", "--truth"]
+        assert subprocess.run(demo + [str(t1)], capture_output=True).returncode == 0
+        pid = load_json(t1)["rows"][0]["pid"]
+        for _ in range(20):
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+            second = subprocess.Popen(demo + [str(t2)], stderr=subprocess.DEVNULL)
+            second.wait()
+            if second.pid == pid:
+                break
+        else:
+            pytest.fail(f"pid {pid} could not be reused")
+        stat.proc.send_signal(signal.SIGINT)
+        assert stat.finish() == 0
+    finally:
+        stat.kill()
+    rows = [r for r in load_json(out)["rows"] if r["pid"] == pid]
+    per_key = collections.defaultdict(list)
+    for r in rows:
+        per_key[(r["space"], r["address"], r["size"], r["op"], r["path"])].append(r["count"])
+    assert count_rows(load_json(t1)) == count_rows(load_json(t2))
+    for key, count in count_rows(load_json(t1)).items():
+        assert sorted(per_key[key]) == [count, count], key     # two VMs, never merged

@@ -1,0 +1,206 @@
+"""`ioregtrace serve`: the counts as Prometheus metrics.
+
+Nothing happens per event in Python: each scrape reads the BPF maps (at
+most once per `cache_s`, however many scrapers there are) and renders the
+same rows as `stat --by region`, as labelled series.
+
+Series are stable for Prometheus:
+- a counter's label set, once exported, stays (until its VM has been gone
+  for the grace period), so every series only grows;
+- --max-series caps the label sets; further ones are folded into one
+  `other` series per path, which also only grows (contributions of VMs
+  dropped after their grace period are kept in it);
+- a VM is labelled by its name (QEMU -name) or comm; a pid reused by a new
+  VM while the old one is still exported gets `vm="NAME#SERIAL"`, so two
+  VMs never share a series.
+"""
+
+import collections
+import platform
+import threading
+import time
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, InfoMetricFamily)
+
+from .. import __version__, histogram
+from ..recording import render
+from ..report import merge_stats
+
+OTHER = "other"
+# Histogram buckets: the kernel's log2 octaves (its 8 sub-buckets summed), in
+# seconds: 2 us .. 137 s.
+BUCKET_SLOTS = [((octave + 1) << histogram.SUB_BITS) - 1
+                for octave in range(histogram.SLOTS >> histogram.SUB_BITS)]
+
+
+def bucket_bounds():
+    """(slot index that closes the bucket, upper bound in seconds)."""
+    out = []
+    for last in BUCKET_SLOTS[:-1]:
+        upper_ns = histogram.slot_bounds(last)[1]
+        out.append((last, upper_ns / 1e9))
+    return out
+
+
+def histogram_buckets(slots):
+    """Cumulative (le, count) pairs, ending with +Inf."""
+    buckets, seen, i = [], 0, 0
+    for last, le in bucket_bounds():
+        while i <= last:
+            seen += slots[i]
+            i += 1
+        buckets.append((f"{le:.9g}", seen))
+    buckets.append(("+Inf", sum(slots)))
+    return buckets
+
+
+class Exporter:
+    """A prometheus_client collector over a running Session."""
+
+    def __init__(self, session, by="region", max_series=None, grace_s=60.0, cache_s=0.25):
+        self.session = session
+        self.by = by
+        self.max_series = max_series
+        self.grace_s = grace_s
+        self.cache_s = cache_s
+        self.lock = threading.Lock()
+        self.admitted = {}                 # label tuple -> order first seen
+        self.folded = set()                # label tuples folded into `other`
+        self.other_base = collections.Counter()    # path -> count of dropped VMs' folds
+        self.dropped_vms = set()           # serials past their grace period
+        self.vm_labels = {}                # serial -> vm label
+        self._vms = {}                     # serial -> VmInfo, from the last read
+        self._last_folded = {}             # folded label tuple -> its last count
+        self._families = None
+        self._at = 0.0
+        self.scrapes = 0
+
+    # -- prometheus_client --------------------------------------------------
+
+    def collect(self):
+        with self.lock:
+            self.scrapes += 1
+            now = time.monotonic()
+            if self._families is None or now - self._at >= self.cache_s:
+                self._families = self._build(now)
+                self._at = now
+            return list(self._families)
+
+    def describe(self):
+        return []      # families are dynamic: no registration-time collect()
+
+    # -- building -------------------------------------------------------------
+
+    def _vm_label(self, serial, pid, name):
+        """The vm label, fixed at first sight; `NAME#SERIAL` when another
+        exported VM already has this name and pid (the pid was reused)."""
+        label = self.vm_labels.get(serial)
+        if label is None:
+            label = name
+            if any(lbl == name and self._vms[s].pid == pid
+                   for s, lbl in self.vm_labels.items()
+                   if s in self._vms and s not in self.dropped_vms):
+                label = f"{name}#{serial}"
+            self.vm_labels[serial] = label
+        return label
+
+    def _expire(self, vms, now):
+        for serial, info in vms.items():
+            if info.exited_ns and serial not in self.dropped_vms and \
+                    now - info.exited_ns / 1e9 >= self.grace_s:
+                self.dropped_vms.add(serial)
+
+    def _build(self, now):
+        with self.session.tracer.lock:
+            recording = self.session.recording(live=True)
+        self._vms = recording.snapshot.vms
+        self._expire(self._vms, now)
+        rep = render(recording, by="address" if self.by == "address" else "region")
+        counts = collections.Counter()
+        stats = {}
+        for row in rep.rows:
+            if row.vm in self.dropped_vms:
+                continue
+            labels = (self._vm_label(row.vm, row.key.pid, row.vm_name or row.comm),
+                      str(row.key.pid),
+                      row.region if row.region is not None else "unassigned",
+                      str(row.key.space), str(row.key.op), str(row.key.path))
+            if self.by == "address":
+                labels += (f"{row.key.address:#x}",)
+            counts[labels] += row.count
+            if row.stats is not None:
+                stats[labels] = merge_stats(stats.get(labels), row.stats)
+        self._forget_dropped()
+        series, other = self._cap(counts)
+
+        names = ["vm", "pid", "region", "space", "op", "path"] + (
+            ["address"] if self.by == "address" else [])
+        accesses = CounterMetricFamily(
+            "ioregtrace_accesses", "Guest device accesses, by the path kvm.ko dispatched "
+            "them through (string PIO: one per element).", labels=names)
+        for labels in sorted(series):
+            accesses.add_metric(labels, series[labels])
+        for path, n in sorted(other.items()):
+            accesses.add_metric([OTHER] * 5 + [path] + ([OTHER] if self.by == "address"
+                                                        else []), n)
+        latency = HistogramMetricFamily(
+            "ioregtrace_userspace_dispatch_seconds", "Time the VMM took to handle an "
+            "exit: from KVM_RUN's return (kvm_userspace_exit) to the next KVM_RUN on the "
+            "same vCPU thread.", labels=[n for n in names if n != "path"])
+        for labels in sorted(stats):
+            if labels not in series:
+                continue
+            s = stats[labels]
+            latency.add_metric([v for i, v in enumerate(labels) if i != 5],
+                               histogram_buckets(s.slots), s.sum_ns / 1e9)
+        lost = CounterMetricFamily("ioregtrace_lost_events", "Events the tracer saw but "
+                                   "could not process.")
+        lost.add_metric([], rep.lost_events)
+        dropped = CounterMetricFamily("ioregtrace_dropped_keys", "Accesses not counted "
+                                      "because the tracer's accesses map was full.")
+        dropped.add_metric([], rep.dropped_keys)
+        vms = GaugeMetricFamily("ioregtrace_vms", "VMM processes traced and running.")
+        vms.add_metric([], sum(1 for s, i in self._vms.items()
+                               if not i.exited_ns and s not in self.dropped_vms))
+        folded = GaugeMetricFamily("ioregtrace_series_folded", "Label sets folded into "
+                                   "the 'other' series by --max-series.")
+        folded.add_metric([], len(self.folded))
+        info = InfoMetricFamily("ioregtrace_build", "ioregtrace version and host.")
+        info.add_metric([], {"version": __version__, "kernel": platform.release(),
+                             "bcc": _bcc_version()})
+        return [accesses, latency, lost, dropped, vms, folded, info]
+
+    def _forget_dropped(self):
+        """Series of VMs past their grace period leave; what they had folded
+        into `other` stays there (a counter never goes down)."""
+        gone = {lbl for s, lbl in self.vm_labels.items() if s in self.dropped_vms}
+        for labels in [k for k in self.admitted if k[0] in gone]:
+            del self.admitted[labels]
+        for labels in [k for k in self.folded if k[0] in gone]:
+            self.other_base[labels[5]] += self._last_folded.get(labels, 0)
+            self.folded.discard(labels)
+
+    def _cap(self, counts):
+        """(admitted series, {path: other count}) under --max-series."""
+        series, other = {}, collections.Counter(self.other_base)
+        for labels in sorted(counts, key=lambda k: self.admitted.get(k, float("inf"))):
+            if labels not in self.admitted and labels not in self.folded:
+                if self.max_series is None or len(self.admitted) < self.max_series:
+                    self.admitted[labels] = len(self.admitted) + len(self.folded)
+                else:
+                    self.folded.add(labels)
+            if labels in self.admitted:
+                series[labels] = counts[labels]
+            else:
+                other[labels[5]] += counts[labels]
+                self._last_folded[labels] = counts[labels]
+        return series, other
+
+
+def _bcc_version():
+    try:
+        import bcc
+        return getattr(bcc, "__version__", "unknown")
+    except ImportError:
+        return "none"

@@ -1,0 +1,121 @@
+"""The exporter's series rules, on hand-made recordings (no BPF)."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+from conftest import REPO
+from ioregtrace import histogram
+from ioregtrace.keys import AccessKey, Op, Path, Space
+from ioregtrace.probes import LatencyStats, RawSnapshot, VmInfo
+from ioregtrace.recording import Recording
+from ioregtrace.views import exporter
+
+
+class FakeTracer:
+    lock = threading.RLock()
+
+
+class FakeSession:
+    """What the exporter uses of a Session: recording(live=True)."""
+
+    def __init__(self):
+        self.tracer = FakeTracer()
+        self.vms = {}
+        self.accesses = {}
+        self.latencies = {}
+
+    def recording(self, live=False):
+        snap = RawSnapshot(taken=0.0, vms=dict(self.vms), accesses=dict(self.accesses),
+                           latencies=dict(self.latencies),
+                           counters={"lost_events": 0, "dropped_accesses": 0})
+        return Recording(snapshot=snap, duration_s=1.0)
+
+
+def key(addr, pid=7, path=Path.USERSPACE, op=Op.READ):
+    return AccessKey(pid, Space.MMIO, addr, 4, op, path)
+
+
+def scrape(exp):
+    exp._families = None          # no cache between the steps of a test
+    out = {}
+    for fam in exp.collect():
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def counters(samples):
+    return {dict(labels)["vm"] + " " + dict(labels)["region"]: v
+            for (name, labels), v in samples.items() if name == "ioregtrace_accesses_total"}
+
+
+def test_pid_reuse_never_merges_two_vms():
+    s = FakeSession()
+    s.vms = {1: VmInfo(7, 1, True, "qemu", exited_ns=1)}
+    s.accesses = {(1, key(0x1000)): 10}
+    exp = exporter.Exporter(s, grace_s=10**9)
+    assert counters(scrape(exp)) == {"qemu mmio@0x1000": 10}
+    # The pid comes back as another VM, same name: a separate series.
+    s.vms[2] = VmInfo(7, 2, True, "qemu")
+    s.accesses[(2, key(0x1000))] = 3
+    assert counters(scrape(exp)) == {"qemu mmio@0x1000": 10, "qemu#2 mmio@0x1000": 3}
+
+
+def test_exited_vm_leaves_after_grace_and_other_never_shrinks(monkeypatch):
+    s = FakeSession()
+    s.vms = {1: VmInfo(7, 1, True, "a"), 2: VmInfo(8, 2, True, "b")}
+    # The first label set seen (rows come largest first) is admitted.
+    s.accesses = {(1, key(0x1000)): 50, (1, key(0x2000)): 6, (2, key(0x3000, pid=8)): 7}
+    exp = exporter.Exporter(s, max_series=1, grace_s=5)
+    first = counters(scrape(exp))
+    assert first == {"a mmio@0x1000": 50, "other other": 13}
+    monkeypatch.setattr(exporter.time, "monotonic", lambda: 100.0)
+    s.vms[1] = VmInfo(7, 1, True, "a", exited_ns=int(99e9))       # exited 1 s ago
+    assert counters(scrape(exp)) == first
+    s.vms[1] = VmInfo(7, 1, True, "a", exited_ns=int(90e9))       # 10 s ago: gone
+    s.accesses[(2, key(0x3000, pid=8))] = 9
+    after = counters(scrape(exp))
+    assert "a mmio@0x1000" not in after
+    assert after["other other"] >= first["other other"]
+    assert after["other other"] == 6 + 9         # a's folded share stays, b grew
+
+
+def test_latency_histogram_from_kernel_slots():
+    s = FakeSession()
+    s.vms = {1: VmInfo(7, 1, True, "a")}
+    k = key(0x1000)
+    samples = [1500, 3000, 3000, 1_000_000]
+    slots = [0] * histogram.SLOTS
+    for ns in samples:
+        slots[histogram.slot_of(ns)] += 1
+    s.accesses = {(1, k): 4}
+    s.latencies = {(1, k): LatencyStats(4, sum(samples), max(samples), slots)}
+    out = scrape(exporter.Exporter(s))
+    buckets = {dict(labels)["le"]: v for (name, labels), v in out.items()
+               if name == "ioregtrace_userspace_dispatch_seconds_bucket"}
+    assert buckets["+Inf"] == 4
+    les = sorted((float(le), n) for le, n in buckets.items() if le != "+Inf")
+    assert all(a[1] <= b[1] for a, b in zip(les, les[1:]))          # cumulative
+    assert [n for le, n in les if le <= 2.048e-6][-1] == 1            # 1.5 us
+    assert [n for le, n in les if le <= 4.096e-6][-1] == 3
+    assert [n for le, n in les if le <= 1.048576e-3][-1] == 4
+    total = [v for (name, _), v in out.items()
+             if name == "ioregtrace_userspace_dispatch_seconds_sum"][0]
+    assert abs(total - sum(samples) / 1e9) < 1e-12
+
+
+def test_dashboard_json_is_what_build_py_generates():
+    out = subprocess.run([sys.executable, "-c", "import build; print(build.render(), end='')"],
+                         cwd=os.path.join(REPO, "dashboards"), capture_output=True, text=True,
+                         check=True).stdout
+    with open(os.path.join(REPO, "dashboards", "ioregtrace.json")) as f:
+        assert f.read() == out, "run: python3 dashboards/build.py"
+    dash = json.loads(out)
+    assert {v["name"] for v in dash["templating"]["list"]} >= {"vm", "region"}
+    titles = " ".join(p["title"] for p in dash["panels"])
+    for needed in ("by dispatch path", "by region", "Userspace share", "p50 / p99",
+                   "heatmap", "ioregionfd candidates", "Lost events"):
+        assert needed in titles
