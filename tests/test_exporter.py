@@ -98,7 +98,7 @@ def test_latency_histogram_from_kernel_slots():
                if name == "ioregtrace_userspace_dispatch_seconds_bucket"}
     assert buckets["+Inf"] == 4
     les = sorted((float(le), n) for le, n in buckets.items() if le != "+Inf")
-    assert all(a[1] <= b[1] for a, b in zip(les, les[1:]))          # cumulative
+    assert all(a[1] <= b[1] for a, b in zip(les, les[1:], strict=False))   # cumulative
     assert [n for le, n in les if le <= 2.048e-6][-1] == 1            # 1.5 us
     assert [n for le, n in les if le <= 4.096e-6][-1] == 3
     assert [n for le, n in les if le <= 1.048576e-3][-1] == 4
