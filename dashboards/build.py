@@ -19,7 +19,7 @@ def target(expr, legend, ref="A", **extra):
 
 def panel(pid, title, kind, grid, targets, unit="short", description="", **extra):
     return {"id": pid, "type": kind, "title": title, "description": description,
-            "datasource": DATASOURCE, "gridPos": dict(zip("xywh", grid)),
+            "datasource": DATASOURCE, "gridPos": dict(zip("xywh", grid, strict=True)),
             "targets": targets, "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
             **extra}
 
