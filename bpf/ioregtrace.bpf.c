@@ -174,6 +174,7 @@ struct kvm_run_head {
 
 /* Per-thread state.  Lives in task storage: freed with the thread. */
 struct thread_state {
+	u32 pid;                /* tgid, cached: one helper call less per event */
 	u32 vm;
 	u8 traced;
 	u8 complete;            /* copy of vm_info.complete */
@@ -193,6 +194,11 @@ struct thread_state {
 	struct access_key pend_key;     /* path = the in-kernel candidate */
 
 	u64 run_addr;           /* this thread's struct kvm_run, 0: unknown */
+
+	/* Counts not yet in the accesses map: a run of accesses with one key
+	 * (a doorbell loop, a framebuffer fill) costs one map update. */
+	struct access_key run_key;
+	u32 run_count;
 
 	u64 exit_ts;
 	struct access_key exit_key;
@@ -328,6 +334,7 @@ static __always_inline struct vm_info *vm_of(u32 pid)
  * changed).  The in-kernel hot path then needs no lookups for it. */
 static __always_inline void refresh(struct thread_state *s, u32 pid)
 {
+	s->pid = pid;
 	if (cfg(CFG_FILTER) && !targets.lookup(&pid)) {
 		s->traced = 0;
 		return;
@@ -441,7 +448,7 @@ static __always_inline void send_latency(struct thread_state *s, u64 ns)
 #define send_latency(s, ns) do { } while (0)
 #endif
 
-static __always_inline void count_access(struct thread_state *s, struct access_key *k, u64 n)
+static __always_inline void add_to_map(struct access_key *k, u64 n)
 {
 	u64 zero = 0;
 	u64 *v = accesses.lookup_or_try_init(k, &zero);
@@ -449,7 +456,33 @@ static __always_inline void count_access(struct thread_state *s, struct access_k
 		__sync_fetch_and_add(v, n);
 	else
 		bump(CNT_DROPPED_ACCESSES, n);
+}
+
+/* Put the thread's pending run into the map.  Called when the key changes,
+ * every RUN_FLUSH accesses, and at every return from KVM_RUN: the maps are
+ * complete whenever a vCPU is out of the guest, and at most RUN_FLUSH - 1
+ * accesses behind while it stays in. */
+static __always_inline void flush_run(struct thread_state *s)
+{
+	if (s->run_count) {
+		add_to_map(&s->run_key, s->run_count);
+		s->run_count = 0;
+	}
+}
+
+static __always_inline void count_access(struct thread_state *s, struct access_key *k, u64 n)
+{
 	send_access(s, k, n);
+	u64 *run = (u64 *)&s->run_key, *key = (u64 *)k;   /* 24 bytes, no padding */
+	if (s->run_count && run[0] == key[0] && run[1] == key[1] && run[2] == key[2]) {
+		s->run_count += n;
+		if (s->run_count >= RUN_FLUSH)
+			flush_run(s);
+		return;
+	}
+	flush_run(s);
+	s->run_key = *k;
+	s->run_count = n;
 }
 
 /* floor(log2(v)) for v > 0.  (BCC's bpf_log2l() is that plus one.) */
@@ -504,15 +537,39 @@ static __always_inline void record_latency(struct thread_state *s, struct access
 	}
 }
 
+static __always_inline u64 read_value(const void *ptr, u32 size)
+{
+	u64 v = 0;
+	if (!ptr)
+		return 0;
+	switch (size) {
+	case 1: { u8 b = 0; bpf_probe_read_kernel(&b, 1, ptr); v = b; break; }
+	case 2: { u16 w = 0; bpf_probe_read_kernel(&w, 2, ptr); v = w; break; }
+	case 4: { u32 d = 0; bpf_probe_read_kernel(&d, 4, ptr); v = d; break; }
+	case 8: bpf_probe_read_kernel(&v, 8, ptr); break;
+	}
+	return v;
+}
+
 /* Which in-kernel handler serves a write, by the registrations this VM made
- * (the first match in kvm_io_bus order: ioeventfd before coalesced). */
+ * (the first match in kvm_io_bus order: ioeventfd before coalesced).  The
+ * written value is read only when the answer depends on it (a datamatch
+ * ioeventfd at that address): most writes skip the probe read. */
 static __always_inline u8 classify_write(struct thread_state *s, u32 pid, u8 space,
-					 u64 addr, u32 size, u64 val)
+					 u64 addr, u32 size, const void *valp)
 {
 	u32 gen = cfg(CFG_REG_GEN);
+	u64 val = 0;
 	if (s->cache_gen == gen && s->cache_addr == addr && s->cache_space == space &&
-	    s->cache_size == size && (!s->cache_by_value || s->cache_val == val))
-		return s->cache_path;
+	    s->cache_size == size) {
+		if (!s->cache_by_value)
+			return s->cache_path;
+		val = read_value(valp, size);
+		if (s->cache_val == val)
+			return s->cache_path;
+	} else {
+		val = read_value(valp, size);
+	}
 
 	u8 path = s->complete ? PATH_KERNEL : PATH_UNATTRIBUTED;
 	u8 by_value = 0;
@@ -605,19 +662,6 @@ static __always_inline int suspect_first_read(struct thread_state *s)
 	return 0;
 }
 
-static __always_inline u64 read_value(const void *ptr, u32 size)
-{
-	u64 v = 0;
-	if (!ptr)
-		return 0;
-	switch (size) {
-	case 1: { u8 b = 0; bpf_probe_read_kernel(&b, 1, ptr); v = b; break; }
-	case 2: { u16 w = 0; bpf_probe_read_kernel(&w, 2, ptr); v = w; break; }
-	case 4: { u32 d = 0; bpf_probe_read_kernel(&d, 4, ptr); v = d; break; }
-	case 8: bpf_probe_read_kernel(&v, 8, ptr); break;
-	}
-	return v;
-}
 
 /* TP_PROTO(int type, int len, u64 gpa, void *val) */
 RAW_TRACEPOINT_PROBE(kvm_mmio)
@@ -625,15 +669,14 @@ RAW_TRACEPOINT_PROBE(kvm_mmio)
 	struct thread_state *s = thread();
 	if (!s || !s->traced)
 		return 0;
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 pid = s->pid;
 	u32 type = ctx->args[0];
 	u32 len = ctx->args[1];
 	u64 gpa = ctx->args[2];
 
 	settle_in_kernel(s);
 	if (type == KVM_TRACE_MMIO_WRITE) {
-		u64 val = read_value((const void *)ctx->args[3], len);
-		u8 path = classify_write(s, pid, SPACE_MMIO, gpa, len, val);
+		u8 path = classify_write(s, pid, SPACE_MMIO, gpa, len, (const void *)ctx->args[3]);
 		set_pending(s, pid, SPACE_MMIO, gpa, len, OP_WRITE, path, 1);
 	} else if (type == KVM_TRACE_MMIO_READ_UNSATISFIED) {
 		/* kvm.ko found no handler; the exit that follows confirms it. */
@@ -655,7 +698,7 @@ RAW_TRACEPOINT_PROBE(kvm_pio)
 	struct thread_state *s = thread();
 	if (!s || !s->traced)
 		return 0;
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 pid = s->pid;
 	u32 rw = ctx->args[0];
 	u32 port = ctx->args[1];
 	u32 size = ctx->args[2];
@@ -663,8 +706,7 @@ RAW_TRACEPOINT_PROBE(kvm_pio)
 
 	settle_in_kernel(s);
 	if (rw) {
-		u64 val = read_value((const void *)ctx->args[4], size);
-		u8 path = classify_write(s, pid, SPACE_PIO, port, size, val);
+		u8 path = classify_write(s, pid, SPACE_PIO, port, size, (const void *)ctx->args[4]);
 		set_pending(s, pid, SPACE_PIO, port, size, OP_WRITE, path, count);
 	} else if (s->skip_pio_in) {
 		s->skip_pio_in = 0;              /* completion of a counted IN */
@@ -691,7 +733,7 @@ RAW_TRACEPOINT_PROBE(kvm_fast_mmio)
 	struct thread_state *s = thread();
 	if (!s || !s->traced)
 		return 0;
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 pid = s->pid;
 	settle_in_kernel(s);
 	count_now(s, pid, SPACE_MMIO, ctx->args[0], 0, OP_WRITE, PATH_IOEVENTFD, 1);
 	s->fresh_entry = 0;
@@ -797,27 +839,30 @@ static __always_inline void exit_inferred(struct thread_state *s, u8 space, u32 
 }
 
 /* TP_PROTO(__u32 reason, int errno): the end of every KVM_RUN. */
-RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
+static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
 {
-	struct thread_state *s = thread();
-	if (!s || !s->traced)
-		return 0;
-	u32 reason = ctx->args[0];
-	int err = ctx->args[1];
-
 	if (err == 0 && (reason == KVM_EXIT_MMIO || reason == KVM_EXIT_IO)) {
 		struct access_key k = {};
 		u32 count = 1;
 		s->exit_ts = bpf_ktime_get_ns();
 		if (decode_exit(s, reason, &k, &count))
-			exit_decoded(s, bpf_get_current_pid_tgid() >> 32, &k, count);
+			exit_decoded(s, s->pid, &k, count);
 		else
 			exit_inferred(s, reason == KVM_EXIT_MMIO ? SPACE_MMIO : SPACE_PIO, reason);
-		return 0;
+		return;
 	}
 	settle_in_kernel(s);
 	s->exit_kind = EXIT_NONE;
 	s->synced = 1;
+}
+
+RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	on_exit(s, ctx->args[0], ctx->args[1]);
+	flush_run(s);
 	return 0;
 }
 

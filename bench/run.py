@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""`make bench`: what tracing costs, measured on one workload in one run.
+
+For each workload (in-kernel ioeventfd doorbells; userspace exits handled
+inline by the demo VMM) and each tool, the tool is started and confirmed
+attached before the demo VM runs; the demo reports its own access rate for
+its measured pass.  Tools run in a shuffled order in every repeat, and each
+overhead, 1 - rate/rate_untraced, uses the untraced run of the same repeat:
+the figures are ratios from interleaved repeats (min/median/max), never a
+single absolute time.
+
+    bench/run.py [--quick] [--repeats N] [--soak MINUTES] [--json FILE]
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+IOREGTRACE = os.path.join(BIN, "ioregtrace")
+
+WORKLOADS = {
+    # name: demo arguments per unit of size (the demo's rate is the figure)
+    "in-kernel": lambda n: ["--scale", "0", "--set", f"doorbell={n * 400_000}"],
+    "userspace": lambda n: ["--scale", "0", "--set", f"inline-read={n * 25_000}",
+                            "--set", f"inline-write={n * 25_000}",
+                            "--set", f"pio-out={n * 15_000}", "--set", f"pio-in={n * 15_000}"],
+}
+
+
+def demo_rate(args):
+    """Run the demo; its own accesses/s of the measured pass."""
+    res = subprocess.run([IOREGTRACE, "demo", *args], capture_output=True, text=True)
+    m = re.search(r"(\d+) accesses in [\d.]+ s \((\d+)/s\)", res.stderr)
+    if res.returncode != 0 or not m:
+        raise RuntimeError(f"demo failed: {res.stderr.strip()[-300:]}")
+    return int(m.group(2)), int(m.group(1))
+
+
+class Tool:
+    """A tracer run in the background around one demo run."""
+    ready_text = None       # a line on stdout/stderr that says it is attached
+    settle_s = 0.0          # tools that say nothing: wait this long instead
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.proc = None
+        self.result = {}
+
+    def argv(self):
+        raise NotImplementedError
+
+    def start(self):
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self._lines = []
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                self._lines.append(line)
+                if self.ready_text and self.ready_text in line:
+                    ready.set()
+            ready.set()
+        threading.Thread(target=pump, daemon=True).start()
+        if self.ready_text:
+            if not ready.wait(120) or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} did not start: {''.join(self._lines)[-400:]}")
+        time.sleep(self.settle_s)
+
+    def stop(self):
+        self.result["peak_rss_kib"] = peak_rss_kib(self.proc.pid)
+        self.result["bpf_map_kib"] = bpf_map_kib(self.proc.pid)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.after()
+        return self.result
+
+    def after(self):
+        pass
+
+
+class Untraced(Tool):
+    name = "untraced"
+
+    def start(self):
+        pass
+
+    def stop(self):
+        return {}
+
+
+class Floor(Tool):
+    name = "floor (raw tp + 1 hash increment)"
+    ready_text = "attached"
+
+    def argv(self):
+        return [sys.executable, os.path.join(HERE, "floor.py")]
+
+
+class IoregStat(Tool):
+    name = "ioregtrace stat (aggregate)"
+    ready_text = "tracing every KVM VM"
+
+    def argv(self):
+        self.out = os.path.join(self.tmp, "stat.json")
+        return [IOREGTRACE, "stat", "--json", "-o", self.out]
+
+    def after(self):
+        with open(self.out) as f:
+            doc = json.load(f)
+        self.result.update(lost=doc["lost_events"], dropped=doc["dropped_keys"],
+                           counted=sum(r["count"] for r in doc["rows"]))
+
+
+class IoregRecord(Tool):
+    name = "ioregtrace record --events"
+    ready_text = "tracing every KVM VM"
+
+    def argv(self):
+        self.out = os.path.join(self.tmp, "events.bundle")
+        return [IOREGTRACE, "record", "-o", self.out, "--events", "100000000"]
+
+    def after(self):
+        res = subprocess.run([IOREGTRACE, "report", self.out, "--events", "--json"],
+                             capture_output=True, text=True, check=True)
+        doc = json.loads(res.stdout)
+        self.result.update(lost=doc["lost"], events=sum(e["count"] for e in doc["events"]))
+
+
+class Bpftrace(Tool):
+    name = "bpftrace kvm_mmio one-liner"
+    ready_text = "Attaching"
+    settle_s = 0.5
+
+    def argv(self):
+        return ["bpftrace", "-e",
+                "tracepoint:kvm:kvm_mmio { @[args->gpa, args->type] = count(); }"]
+
+
+class PerfStat(Tool):
+    name = "perf stat -e kvm:kvm_mmio"
+    settle_s = 1.0
+
+    def argv(self):
+        return ["perf", "stat", "-e", "kvm:kvm_mmio", "-a"]
+
+
+class PerfRecord(Tool):
+    name = "perf record -e kvm:kvm_mmio"
+    settle_s = 1.0
+
+    def argv(self):
+        self.out = os.path.join(self.tmp, "perf.data")
+        return ["perf", "record", "-q", "-e", "kvm:kvm_mmio", "-a", "-o", self.out]
+
+    def after(self):
+        t0 = time.monotonic()
+        subprocess.run(["perf", "report", "-i", self.out, "--stdio"], capture_output=True)
+        self.result["report_s"] = time.monotonic() - t0
+        lost = subprocess.run(["perf", "report", "-i", self.out, "--stdio", "--header-only"],
+                              capture_output=True, text=True).stdout
+        self.result["perf_data_mib"] = os.path.getsize(self.out) / 2**20
+        m = re.search(r"lost.*?(\d+)", lost, re.I)
+        self.result["lost"] = int(m.group(1)) if m else 0
+
+
+TOOLS = [Untraced, Floor, IoregStat, IoregRecord, Bpftrace, PerfStat, PerfRecord]
+
+
+def peak_rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def bpf_map_kib(pid):
+    """What the kernel charges for the BPF maps a process holds (memlock
+    in each map fd's fdinfo)."""
+    total = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = f.read()
+        except OSError:
+            continue
+        if "map_type:" in info:
+            m = re.search(r"memlock:\s+(\d+)", info)
+            total += int(m.group(1)) if m else 0
+    return total // 1024
+
+
+def stats(values):
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def measure(repeats, size, log):
+    results = {w: {t.name: [] for t in TOOLS} for w in WORKLOADS}
+    extras = {w: {t.name: [] for t in TOOLS} for w in WORKLOADS}
+    tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
+    for r in range(repeats):
+        for workload, args in WORKLOADS.items():
+            order = TOOLS[:]
+            random.shuffle(order)
+            for cls in order:
+                tool = cls(tmp)
+                tool.start()
+                try:
+                    rate, accesses = demo_rate(args(size))
+                finally:
+                    extra = tool.stop()
+                extra["accesses"] = accesses
+                results[workload][cls.name].append(rate)
+                extras[workload][cls.name].append(extra)
+                log(f"  repeat {r + 1}/{repeats} {workload:9} {cls.name:36} {rate:>9}/s")
+    shutil.rmtree(tmp, ignore_errors=True)
+    overheads = {}
+    for workload, per_tool in results.items():
+        base = per_tool["untraced"]
+        overheads[workload] = {
+            name: stats([1 - rate / b for rate, b in zip(rates, base, strict=True)])
+            for name, rates in per_tool.items() if name != "untraced"}
+    return results, overheads, extras
+
+
+def attach_time(log, runs=3):
+    """From starting `ioregtrace stat -p PID` to its probes attached."""
+    demo = subprocess.Popen([IOREGTRACE, "demo", "--scale", "0", "--set", "doorbell=100000",
+                             "--repeat", "100000"], stderr=subprocess.DEVNULL)
+    times = []
+    try:
+        time.sleep(1.0)
+        for _ in range(runs):
+            t0 = time.monotonic()
+            p = subprocess.Popen([IOREGTRACE, "stat", "-p", str(demo.pid), "-o", "/dev/null"],
+                                 stderr=subprocess.PIPE, text=True)
+            for line in p.stderr:
+                if "tracing pid" in line:
+                    times.append(time.monotonic() - t0)
+                    break
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=60)
+    finally:
+        demo.kill()
+        demo.wait()
+    log(f"  attach: {', '.join(f'{t:.2f} s' for t in times)}")
+    return stats(times)
+
+
+def soak(minutes, log):
+    """serve + a scraper + the demo at full rate; RSS and map memory of the
+    agent at the start (after a warm-up) and at the end."""
+    port = 19860
+    serve = subprocess.Popen([IOREGTRACE, "serve", "--listen", f"127.0.0.1:{port}"],
+                             stderr=subprocess.PIPE, text=True)
+    for line in serve.stderr:
+        if "serving http" in line:
+            break
+    demo = subprocess.Popen([IOREGTRACE, "demo", "--scale", "0.5", "--delay-us", "200",
+                             "--repeat", "10000000"], stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+    scrapes = [0]
+
+    def scraper():
+        while not stop.wait(1.0):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                r.read()
+            scrapes[0] += 1
+    threading.Thread(target=scraper, daemon=True).start()
+    try:
+        time.sleep(min(30.0, minutes * 60 / 4))
+        start = {"rss_kib": rss_kib(serve.pid), "bpf_map_kib": bpf_map_kib(serve.pid)}
+        time.sleep(minutes * 60)
+        end = {"rss_kib": rss_kib(serve.pid), "bpf_map_kib": bpf_map_kib(serve.pid)}
+    finally:
+        stop.set()
+        demo.kill()
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=60)
+    log(f"  soak: start {start}, end {end}, {scrapes[0]} scrapes")
+    return {"minutes": minutes, "start": start, "end": end, "scrapes": scrapes[0]}
+
+
+def verdicts(overheads, extras, attach, soaked):
+    """Each target: (name, pass, figure)."""
+    out = []
+    floor, agg, ev = ("floor (raw tp + 1 hash increment)", "ioregtrace stat (aggregate)",
+                      "ioregtrace record --events")
+    bpft, pstat, prec = ("bpftrace kvm_mmio one-liner", "perf stat -e kvm:kvm_mmio",
+                         "perf record -e kvm:kvm_mmio")
+    k, u = overheads["in-kernel"], overheads["userspace"]
+    med = lambda table, name: table[name]["median"]   # noqa: E731
+    out.append(("aggregate, in-kernel: <= 1.3 x floor",
+                med(k, agg) <= 1.3 * max(med(k, floor), 0.0),
+                f"{med(k, agg):.1%} vs floor {med(k, floor):.1%} "
+                f"({med(k, agg) / med(k, floor):.2f} x)" if med(k, floor) > 0 else
+                f"{med(k, agg):.1%} vs floor {med(k, floor):.1%}"))
+    out.append(("aggregate, userspace exits: <= 5 %", med(u, agg) <= 0.05,
+                f"{med(u, agg):.1%}"))
+    for table, label in ((k, "in-kernel"), (u, "userspace")):
+        out.append((f"aggregate below bpftrace, {label}", med(table, agg) < med(table, bpft),
+                    f"{med(table, agg):.1%} < {med(table, bpft):.1%}"))
+        out.append((f"aggregate below perf stat, {label}", med(table, agg) < med(table, pstat),
+                    f"{med(table, agg):.1%} < {med(table, pstat):.1%}"))
+    lost = [e.get("lost", 0) + e.get("dropped", 0)
+            for w in extras.values() for e in w["ioregtrace stat (aggregate)"]]
+    out.append(("aggregate: 0 lost", sum(lost) == 0, f"{sum(lost)} lost"))
+    ev_lost = [e.get("lost", 0) for w in extras.values() for e in w[ev]]
+    ev_short = [e["accesses"] - e.get("events", 0) for w in extras.values() for e in w[ev]]
+    out.append(("event mode: nothing lost at the demo's peak rate",
+                sum(ev_lost) == 0 and max(ev_short) <= 0,
+                f"{sum(ev_lost)} lost, events short of accesses by {max(ev_short)}"))
+    for table, label in ((k, "in-kernel"), (u, "userspace")):
+        out.append((f"event mode below perf record, {label}", med(table, ev) < med(table, prec),
+                    f"{med(table, ev):.1%} < {med(table, prec):.1%}"))
+    out.append(("attach < 2 s", attach["median"] < 2.0, f"median {attach['median']:.2f} s"))
+    if soaked:
+        growth = soaked["end"]["rss_kib"] / soaked["start"]["rss_kib"] - 1
+        out.append(("RSS flat over the soak (within 5 %)", abs(growth) <= 0.05,
+                    f"{soaked['start']['rss_kib']} -> {soaked['end']['rss_kib']} KiB "
+                    f"({growth:+.1%}) in {soaked['minutes']} min"))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer, shorter runs")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 5, quick 2)")
+    ap.add_argument("--soak", type=float, metavar="MINUTES", help="also run the soak")
+    ap.add_argument("--json", metavar="FILE", help="write every figure here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: must run as root (BPF, perf)")
+    for needed in ("bpftrace", "perf"):
+        if shutil.which(needed) is None:
+            sys.exit(f"bench: {needed} is not installed (make setup installs it)")
+    repeats = args.repeats or (2 if args.quick else 5)
+    size = 1 if args.quick else 2
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
+    t0 = time.monotonic()
+    log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
+    results, overheads, extras = measure(repeats, size, log)
+    attach = attach_time(log)
+    soaked = soak(args.soak, log) if args.soak else None
+    checks = verdicts(overheads, extras, attach, soaked)
+
+    print(f"\nOverhead (1 - traced/untraced), {repeats} interleaved repeats: min / median / max")
+    for workload, per_tool in overheads.items():
+        base = statistics.median(results[workload]["untraced"])
+        print(f"\n  {workload} (untraced median {base:,.0f} accesses/s)")
+        for name, s in per_tool.items():
+            print(f"    {name:36} {s['min']:7.1%} {s['median']:7.1%} {s['max']:7.1%}")
+    mem = [e for w in extras.values() for e in w["ioregtrace stat (aggregate)"]]
+    print(f"\n  ioregtrace stat: peak RSS {max(e['peak_rss_kib'] for e in mem)} KiB, "
+          f"BPF maps {max(e['bpf_map_kib'] for e in mem)} KiB")
+    print("\nTargets")
+    for name, ok, figure in checks:
+        print(f"  [{'pass' if ok else 'FAIL'}] {name}: {figure}")
+    print(f"\nbench: {time.monotonic() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "overheads": overheads, "extras": extras,
+                       "attach": attach, "soak": soaked,
+                       "checks": [{"name": n, "pass": ok, "figure": fig}
+                                  for n, ok, fig in checks]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
