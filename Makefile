@@ -19,8 +19,10 @@ test: setup
 unit: setup
 	$(BIN)/python -m pytest -v -m "not integration" tests
 
+# What tracing costs, side by side with its peers (bench/RESULTS.md).
+# BENCH_ARGS=--quick for a short run, --soak MINUTES for the soak.
 bench: setup
-	@echo "bench: no benchmarks yet"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -40,9 +40,15 @@ WORKLOADS = {
 }
 
 
+# The demo VM runs on CPU 1, the tools' user-space parts on CPU 0: less
+# scheduling noise between runs (BPF programs run on the demo's CPU anyway).
+DEMO_CPU, TOOL_CPU = "1", "0"
+
+
 def demo_rate(args):
     """Run the demo; its own accesses/s of the measured pass."""
-    res = subprocess.run([IOREGTRACE, "demo", *args], capture_output=True, text=True)
+    res = subprocess.run(["taskset", "-c", DEMO_CPU, IOREGTRACE, "demo", *args],
+                         capture_output=True, text=True)
     m = re.search(r"(\d+) accesses in [\d.]+ s \((\d+)/s\)", res.stderr)
     if res.returncode != 0 or not m:
         raise RuntimeError(f"demo failed: {res.stderr.strip()[-300:]}")
@@ -63,8 +69,8 @@ class Tool:
         raise NotImplementedError
 
     def start(self):
-        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(["taskset", "-c", TOOL_CPU, *self.argv()],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._lines = []
         ready = threading.Event()
 
@@ -182,6 +188,7 @@ class PerfRecord(Tool):
 
 
 TOOLS = [Untraced, Floor, IoregStat, IoregRecord, Bpftrace, PerfStat, PerfRecord]
+BPF_TOOLS = [Floor, IoregStat, IoregRecord, Bpftrace]
 
 
 def peak_rss_kib(pid):
@@ -254,6 +261,37 @@ def measure(repeats, size, log):
             name: stats([1 - rate / b for rate, b in zip(rates, base, strict=True)])
             for name, rates in per_tool.items() if name != "untraced"}
     return results, overheads, extras
+
+
+def per_event_cost(size, log):
+    """Nanoseconds of BPF program time per guest access, from the kernel's
+    own accounting (kernel.bpf_stats_enabled, on only for this phase: the
+    accounting has a cost of its own).  All of a tool's programs count,
+    syscall tracepoints included."""
+    sys.path.insert(0, HERE)
+    from prog_cost import bpf_stats_enabled, programs
+    was = bpf_stats_enabled()
+    bpf_stats_enabled(True)
+    tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
+    costs = {w: {} for w in WORKLOADS}
+    try:
+        for workload, args in WORKLOADS.items():
+            for cls in BPF_TOOLS:
+                tool = cls(tmp)
+                tool.start()
+                try:
+                    pid = tool.proc.pid
+                    before = sum(p[3] for p in programs(pid))
+                    _, accesses = demo_rate(args(size))
+                    spent = sum(p[3] for p in programs(pid)) - before
+                finally:
+                    tool.stop()
+                costs[workload][cls.name] = spent / accesses
+                log(f"  cost {workload:9} {cls.name:36} {spent / accesses:7.0f} ns/access")
+    finally:
+        bpf_stats_enabled(was)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return costs
 
 
 def attach_time(log, runs=3):
@@ -367,12 +405,13 @@ def main():
     for needed in ("bpftrace", "perf"):
         if shutil.which(needed) is None:
             sys.exit(f"bench: {needed} is not installed (make setup installs it)")
-    repeats = args.repeats or (2 if args.quick else 5)
-    size = 1 if args.quick else 2
+    repeats = args.repeats or (1 if args.quick else 6)
+    size = 1
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     t0 = time.monotonic()
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
     results, overheads, extras = measure(repeats, size, log)
+    costs = per_event_cost(size, log)
     attach = attach_time(log)
     soaked = soak(args.soak, log) if args.soak else None
     checks = verdicts(overheads, extras, attach, soaked)
@@ -383,6 +422,9 @@ def main():
         print(f"\n  {workload} (untraced median {base:,.0f} accesses/s)")
         for name, s in per_tool.items():
             print(f"    {name:36} {s['min']:7.1%} {s['median']:7.1%} {s['max']:7.1%}")
+    print("\nBPF time per guest access (kernel.bpf_stats_enabled), ns")
+    for workload, per_tool in costs.items():
+        print(f"  {workload}: " + ", ".join(f"{name} {ns:.0f}" for name, ns in per_tool.items()))
     mem = [e for w in extras.values() for e in w["ioregtrace stat (aggregate)"]]
     print(f"\n  ioregtrace stat: peak RSS {max(e['peak_rss_kib'] for e in mem)} KiB, "
           f"BPF maps {max(e['bpf_map_kib'] for e in mem)} KiB")
@@ -393,6 +435,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "overheads": overheads, "extras": extras,
+                       "bpf_ns_per_access": costs,
                        "attach": attach, "soak": soaked,
                        "checks": [{"name": n, "pass": ok, "figure": fig}
                                   for n, ok, fig in checks]}, f, indent=1)

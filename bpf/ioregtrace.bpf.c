@@ -58,8 +58,7 @@ struct access_key {
 	u32 layout;     /* the VMM's memory-map generation (QEMU mirror), else 0 */
 };
 
-struct latency {
-	u64 count;
+struct latency {                /* the count is the histogram's sum */
 	u64 sum_ns;
 	u64 max_ns;
 	/* HIST_SLOTS used; sized to a power of two so that a masked index
@@ -180,7 +179,8 @@ struct thread_state {
 	u8 complete;            /* copy of vm_info.complete */
 	u8 synced;              /* saw an exit of this thread, or complete */
 	u8 fresh_entry;         /* no kvm event yet since the last KVM_RUN entry */
-	u8 mirrored;            /* its VMM's memory map is mirrored (layouts) */
+	u32 state_gen;          /* CFG_STATE_GEN when the caches below were filled */
+	u32 run_fd;             /* the vCPU fd run_addr belongs to */
 	u8 event_sent;          /* event mode: its last userspace access was sent */
 
 	u8 pending;             /* pend_key holds an access awaiting its path */
@@ -278,6 +278,7 @@ BPF_ARRAY(config, u64, 8);
 #define CFG_VM_SERIAL 2
 #define CFG_MR_NAME_OFFSET 3    /* QEMU's MemoryRegion.name, from its binary */
 #define CFG_EVENTS_LEFT 4       /* event mode: raw access events still to send */
+#define CFG_STATE_GEN 5         /* bumped when what threads cache may change */
 
 static __always_inline void bump(int idx, u64 n)
 {
@@ -299,13 +300,20 @@ static __always_inline struct vm_layout *layout_of(u32 vm)
 	return l && l->vm == vm ? l : 0;
 }
 
-/* The memory-map generation an access made now is served by. */
+/* The memory-map generation an access made now is served by (0 for VMMs
+ * whose map is not mirrored).  An array slot: no hash lookup. */
 static __always_inline u32 layout_now(struct thread_state *s)
 {
-	if (!s->mirrored)
-		return 0;
 	struct vm_layout *l = layout_of(s->vm);
 	return l ? l->gen : 0;
+}
+
+static __always_inline void bump_state_gen(void)
+{
+	int idx = CFG_STATE_GEN;
+	u64 *g = config.lookup(&idx);
+	if (g)
+		__sync_fetch_and_add(g, 1);
 }
 
 /* The VM serial of process `pid`.  A pid whose previous owner exited gets
@@ -335,6 +343,7 @@ static __always_inline struct vm_info *vm_of(u32 pid)
 static __always_inline void refresh(struct thread_state *s, u32 pid)
 {
 	s->pid = pid;
+	s->state_gen = cfg(CFG_STATE_GEN);
 	if (cfg(CFG_FILTER) && !targets.lookup(&pid)) {
 		s->traced = 0;
 		return;
@@ -349,7 +358,6 @@ static __always_inline void refresh(struct thread_state *s, u32 pid)
 		s->cache_gen = 0;
 	s->vm = vi->serial;
 	s->complete = vi->complete;
-	s->mirrored = layout_of(vi->serial) != 0;
 	if (vi->complete)
 		s->synced = 1;
 }
@@ -459,9 +467,10 @@ static __always_inline void add_to_map(struct access_key *k, u64 n)
 }
 
 /* Put the thread's pending run into the map.  Called when the key changes,
- * every RUN_FLUSH accesses, and at every return from KVM_RUN: the maps are
- * complete whenever a vCPU is out of the guest, and at most RUN_FLUSH - 1
- * accesses behind while it stays in. */
+ * every RUN_FLUSH accesses, at every return from KVM_RUN other than an
+ * MMIO/IO exit, and when the thread exits: the maps are complete whenever a
+ * VMM pauses or ends, and at most RUN_FLUSH - 1 accesses per vCPU behind
+ * while it runs. */
 static __always_inline void flush_run(struct thread_state *s)
 {
 	if (s->run_count) {
@@ -522,7 +531,6 @@ static __always_inline void record_latency(struct thread_state *s, struct access
 		bump(CNT_DROPPED_LATENCY, 1);
 		return;
 	}
-	__sync_fetch_and_add(&l->count, 1);
 	__sync_fetch_and_add(&l->sum_ns, ns);
 	u32 slot = hist_slot(ns);
 	__sync_fetch_and_add(&l->slots[slot & (HIST_ARRAY - 1)], 1);
@@ -861,16 +869,26 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 	struct thread_state *s = thread();
 	if (!s || !s->traced)
 		return 0;
-	on_exit(s, ctx->args[0], ctx->args[1]);
-	flush_run(s);
+	u32 reason = ctx->args[0];
+	int err = ctx->args[1];
+	on_exit(s, reason, err);
+	/* An MMIO/IO exit is handled and the guest goes on: keep batching.
+	 * Any other return (HLT, a signal, a pause, an error) may be the last
+	 * for a while: make the maps complete. */
+	if (err != 0 || (reason != KVM_EXIT_MMIO && reason != KVM_EXIT_IO))
+		flush_run(s);
 	return 0;
 }
 
 static __always_inline void on_kvm_run(struct thread_state *s, u32 pid, u32 fd)
 {
-	struct fd_key fk = {.pid = pid, .fd = fd};
-	u64 *run = vcpu_runs.lookup(&fk);
-	s->run_addr = run ? *run : 0;
+	/* A vCPU thread runs one vCPU fd; its kvm_run stays where it is. */
+	if (!s->run_addr || s->run_fd != fd) {
+		struct fd_key fk = {.pid = pid, .fd = fd};
+		u64 *run = vcpu_runs.lookup(&fk);
+		s->run_addr = run ? *run : 0;
+		s->run_fd = fd;
+	}
 
 	/* Userspace dispatch latency, per access: from kvm_userspace_exit to
 	 * the next KVM_RUN call on the same thread, i.e. the time the VMM took
@@ -883,7 +901,8 @@ static __always_inline void on_kvm_run(struct thread_state *s, u32 pid, u32 fd)
 	}
 	s->exit_kind = EXIT_NONE;
 	s->fresh_entry = 1;
-	refresh(s, pid);
+	if (s->state_gen != cfg(CFG_STATE_GEN))
+		refresh(s, pid);
 }
 
 static __always_inline void bump_reg_gen(void)
@@ -1039,6 +1058,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 		struct vm_info *vi = vm_of(pid);
 		if (vi)
 			vi->complete = 1;
+		bump_state_gen();
 		refresh(s, pid);
 	} else if (cmd == KVM_CREATE_VCPU) {
 		struct fd_key fk = {.pid = pid, .fd = args->ret};
@@ -1116,7 +1136,6 @@ int qemu_flatview_section(void *ctx)
 		l->fv[space & 1] = fv;
 		l->gen++;
 	}
-	s->mirrored = 1;
 
 	struct layout_event *e = layout_events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
@@ -1193,6 +1212,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = id, tgid = id >> 32;
+	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	if (s)
+		flush_run(s);
 	if (tid != tgid) {
 		targets.delete(&tid);
 		return 0;

@@ -40,6 +40,7 @@ COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambigu
             "lost_layout", "lost_raw_events")
 
 CFG_FILTER, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET, CFG_EVENTS_LEFT = 0, 1, 2, 3, 4
+CFG_STATE_GEN = 5
 RAW_ACCESS, RAW_LATENCY = 0, 1
 REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
 
@@ -174,6 +175,13 @@ class Tracer:
     def add_target(self, pid):
         self.bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
         self.learn_vcpus(pid)
+        self._state_changed()
+
+    def _state_changed(self):
+        """Threads re-read what they cache (the filter) at their next KVM_RUN."""
+        config = self.bpf["config"]
+        key = ctypes.c_int(CFG_STATE_GEN)
+        config[key] = ctypes.c_uint64(config[key].value + 1)
 
     def learn_vcpus(self, pid):
         """vCPUs created before we attached: where each vCPU fd's kvm_run is
@@ -242,6 +250,7 @@ class Tracer:
             del self.bpf["targets"][ctypes.c_uint32(pid)]
         except KeyError:
             pass
+        self._state_changed()
 
     def attached_probes(self):
         probes = ["kvm:kvm_mmio", "kvm:kvm_pio", "kvm:kvm_userspace_exit",
@@ -272,8 +281,9 @@ class Tracer:
         for k, v in _items(self.bpf["accesses"]):
             snap.accesses[(k.vm, _access_key(k))] = getattr(v, "value", v)
         for k, v in _items(self.bpf["latencies"]):
+            slots = list(v.slots)[:histogram.SLOTS]
             snap.latencies[(k.vm, _access_key(k))] = LatencyStats(
-                v.count, v.sum_ns, v.max_ns, list(v.slots)[:histogram.SLOTS])
+                sum(slots), v.sum_ns, v.max_ns, slots)
         snap.vms = self.snapshot_vms()
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf["counters"][ctypes.c_int(i)])

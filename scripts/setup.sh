@@ -6,10 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv
-# BCC and its interpreter; QEMU for the QEMU tests; binutils, gcc and the
-# uapi headers for the tests that check our x86 encoder and KVM ABI copy.
-PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux prometheus binutils gcc
-	libc6-dev linux-libc-dev util-linux)
+# BCC and its interpreter; QEMU, tmux and Prometheus for the tests;
+# bpftrace (and linux-perf, below) for the benchmark's peers; binutils, gcc
+# and the uapi headers for the tests of our x86 encoder and KVM ABI copy.
+PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux prometheus bpftrace binutils gcc
+	libc6-dev linux-libc-dev util-linux linux-perf)
 
 log() { echo "setup: $*"; }
 
