@@ -279,6 +279,7 @@ BPF_ARRAY(config, u64, 8);
 #define CFG_MR_NAME_OFFSET 3    /* QEMU's MemoryRegion.name, from its binary */
 #define CFG_EVENTS_LEFT 4       /* event mode: raw access events still to send */
 #define CFG_STATE_GEN 5         /* bumped when what threads cache may change */
+#define CFG_IOCTLS_IN_FLIGHT 6  /* registration ioctls between sys_enter and sys_exit */
 
 static __always_inline void bump(int idx, u64 n)
 {
@@ -522,14 +523,17 @@ static __always_inline u32 hist_slot(u64 ns)
 static __always_inline void record_latency(struct thread_state *s, struct access_key *k, u64 ns)
 {
 	send_latency(s, ns);
-	int zero_idx = 0;
-	struct latency *zero = latency_zero.lookup(&zero_idx);
-	if (!zero)
-		return;
-	struct latency *l = latencies.lookup_or_try_init(k, zero);
-	if (!l) {
-		bump(CNT_DROPPED_LATENCY, 1);
-		return;
+	struct latency *l = latencies.lookup(k);
+	if (!l) {       /* a new key: start from the zeroed template */
+		int zero_idx = 0;
+		struct latency *zero = latency_zero.lookup(&zero_idx);
+		if (zero)
+			latencies.insert(k, zero);
+		l = latencies.lookup(k);
+		if (!l) {
+			bump(CNT_DROPPED_LATENCY, 1);
+			return;
+		}
 	}
 	__sync_fetch_and_add(&l->sum_ns, ns);
 	u32 slot = hist_slot(ns);
@@ -776,23 +780,28 @@ static __always_inline int decode_exit(struct thread_state *s, u32 reason,
 	return 1;
 }
 
+/* The pending access went out to userspace. */
+static __always_inline void exit_pending(struct thread_state *s)
+{
+	s->pending = 0;
+	s->pend_key.path = PATH_USERSPACE;
+	count_access(s, &s->pend_key, s->pend_count);
+	s->exit_key = s->pend_key;
+	s->exit_kind = EXIT_KEYED;
+	if (s->pend_key.space == SPACE_MMIO && s->pend_key.op == OP_READ) {
+		s->await_mmio_read = 1;
+		s->await_addr = s->pend_key.addr;
+	}
+	s->synced = 1;
+}
+
 /* An exit to userspace for the access `k` (decoded from kvm_run). */
 static __always_inline void exit_decoded(struct thread_state *s, u32 pid,
 					 struct access_key *k, u32 count)
 {
 	if (s->pending && s->pend_key.space == k->space && s->pend_key.addr == k->addr &&
 	    s->pend_key.op == k->op) {
-		/* The traced access itself went out (count: string PIO). */
-		s->pending = 0;
-		s->pend_key.path = PATH_USERSPACE;
-		count_access(s, &s->pend_key, s->pend_count);
-		s->exit_key = s->pend_key;
-		s->exit_kind = EXIT_KEYED;
-		if (k->space == SPACE_MMIO && k->op == OP_READ) {
-			s->await_mmio_read = 1;
-			s->await_addr = k->addr;
-		}
-		s->synced = 1;
+		exit_pending(s);       /* the traced access itself (count: string PIO) */
 		return;
 	}
 	/* Whatever was pending stayed in the kernel; this exit is another
@@ -825,16 +834,7 @@ static __always_inline void exit_inferred(struct thread_state *s, u8 space, u32 
 {
 	bump(CNT_INFERRED_EXITS, 1);
 	if (s->pending && s->pend_key.space == space) {
-		s->pending = 0;
-		s->pend_key.path = PATH_USERSPACE;
-		count_access(s, &s->pend_key, s->pend_count);
-		s->exit_key = s->pend_key;
-		s->exit_kind = EXIT_KEYED;
-		if (space == SPACE_MMIO && s->pend_key.op == OP_READ) {
-			s->await_mmio_read = 1;
-			s->await_addr = s->pend_key.addr;
-		}
-		s->synced = 1;
+		exit_pending(s);
 		return;
 	}
 	settle_in_kernel(s);
@@ -853,7 +853,13 @@ static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
 		struct access_key k = {};
 		u32 count = 1;
 		s->exit_ts = bpf_ktime_get_ns();
-		if (decode_exit(s, reason, &k, &count))
+		if (reason == KVM_EXIT_MMIO && s->pending && s->pend_key.space == SPACE_MMIO)
+			/* An MMIO exit always follows its own kvm_mmio event
+			 * (WRITE, or READ_UNSATISFIED): no need to read kvm_run.
+			 * Only an IO exit can be for an access with no event (an
+			 * IN) while another one (an in-kernel OUT) is pending. */
+			exit_pending(s);
+		else if (decode_exit(s, reason, &k, &count))
 			exit_decoded(s, s->pid, &k, count);
 		else
 			exit_inferred(s, reason == KVM_EXIT_MMIO ? SPACE_MMIO : SPACE_PIO, reason);
@@ -1032,6 +1038,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	if (!s->traced)
 		return 0;
 	s->ioctl_cmd = cmd;
+	int idx = CFG_IOCTLS_IN_FLIGHT;
+	u64 *flying = config.lookup(&idx);
+	if (flying)
+		__sync_fetch_and_add(flying, 1);
 	if (cmd == KVM_IOEVENTFD)
 		bpf_probe_read_user(&s->ioctl_arg.ioeventfd, sizeof(s->ioctl_arg.ioeventfd),
 				    (void *)args->arg);
@@ -1046,11 +1056,18 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
  * the same argument layout, which none does. */
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
+	/* Every ioctl on the host returns through here: leave at once unless
+	 * a registration ioctl is in flight somewhere. */
+	int idx = CFG_IOCTLS_IN_FLIGHT;
+	u64 *flying = config.lookup(&idx);
+	if (!flying || !*flying)
+		return 0;
 	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
 	if (!s || !s->ioctl_cmd)
 		return 0;
 	u32 cmd = s->ioctl_cmd;
 	s->ioctl_cmd = 0;
+	__sync_fetch_and_add(flying, -1);
 	if (args->ret < 0)
 		return 0;
 	u32 pid = bpf_get_current_pid_tgid() >> 32;

@@ -46,7 +46,8 @@ def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False, r
     doc = truth_document(vm, elapsed)
     total = sum(r["count"] for r in doc["rows"])
     log(f"{total} accesses in {elapsed:.3f} s ({total / max(elapsed, 1e-9):.0f}/s), "
-        f"{vm.exits} exits to userspace")
+        f"{vm.exits} exits to userspace, {vm.cpu_s:.3f} s vCPU CPU time "
+        f"({total / max(vm.cpu_s, 1e-9):.0f}/CPU-s)")
     if truth_path:
         with open(truth_path, "w") as f:
             json.dump(doc, f, indent=1)

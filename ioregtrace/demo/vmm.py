@@ -339,9 +339,10 @@ class DemoVM:
 
     def run_guest(self):
         """Run until the guest's CONTROL_DONE; return the wall time of the
-        measured pass in seconds."""
+        measured pass in seconds (its vCPU thread's CPU time: self.cpu_s)."""
         pending = None           # (key, t_exit_ns) of the last userspace exit
         started = time.monotonic()
+        cpu_started = time.thread_time()
         while True:
             if pending is not None:
                 # The VMM's own view of the interval ioregtrace times: from
@@ -374,6 +375,7 @@ class DemoVM:
                         self.exits = 0
                         self.sync()
                         started = time.monotonic()
+                        cpu_started = time.thread_time()
                     elif control == CONTROL_CHURN:
                         self._churn_registrations()
                     continue
@@ -382,6 +384,9 @@ class DemoVM:
                 name = kvm.EXIT_REASON_NAMES.get(reason, str(reason))
                 raise UserError(f"demo VMM: unexpected exit KVM_EXIT_{name}")
         elapsed = time.monotonic() - started
+        # The vCPU thread's CPU time: guest execution, KVM, the VMM's own
+        # handling, and any tracer's BPF programs, without steal time.
+        self.cpu_s = time.thread_time() - cpu_started
         self._drain_coalesced_ring()
         for (space, addr, size), count in self._read_eventfds().items():
             if count:
