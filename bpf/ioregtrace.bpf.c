@@ -273,12 +273,17 @@ BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 /* [0] filter on: only tgids in targets; [1] registration generation;
  * [2] next vm serial */
 BPF_ARRAY(config, u64, 8);
-#define CFG_FILTER 0
+#define CFG_MODE 0              /* MODE_* below */
 #define CFG_REG_GEN 1
 #define CFG_VM_SERIAL 2
 #define CFG_MR_NAME_OFFSET 3    /* QEMU's MemoryRegion.name, from its binary */
 #define CFG_EVENTS_LEFT 4       /* event mode: raw access events still to send */
 #define CFG_STATE_GEN 5         /* bumped when what threads cache may change */
+/* Nothing is traced until the agent has set the filter up: programs run
+ * from the moment BCC attaches them, before the agent can fill its maps. */
+#define MODE_SETTING_UP 0
+#define MODE_ALL 1              /* every KVM VM on the host */
+#define MODE_TARGETS 2          /* only the tgids in `targets` */
 #define CFG_IOCTLS_IN_FLIGHT 6  /* registration ioctls between sys_enter and sys_exit */
 
 static __always_inline void bump(int idx, u64 n)
@@ -345,7 +350,8 @@ static __always_inline void refresh(struct thread_state *s, u32 pid)
 {
 	s->pid = pid;
 	s->state_gen = cfg(CFG_STATE_GEN);
-	if (cfg(CFG_FILTER) && !targets.lookup(&pid)) {
+	u64 mode = cfg(CFG_MODE);
+	if (mode == MODE_SETTING_UP || (mode == MODE_TARGETS && !targets.lookup(&pid))) {
 		s->traced = 0;
 		return;
 	}
@@ -367,8 +373,13 @@ static __always_inline struct thread_state *thread(void)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct thread_state *s = threads.task_storage_get(task, 0, 0);
-	if (s)
+	if (s) {
+		/* One array read per event: a filter change reaches even a
+		 * vCPU that never leaves the guest. */
+		if (s->state_gen != cfg(CFG_STATE_GEN))
+			refresh(s, bpf_get_current_pid_tgid() >> 32);
 		return s;
+	}
 	s = threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!s) {
 		bump(CNT_LOST_EVENTS, 1);
@@ -588,7 +599,7 @@ static __always_inline u8 classify_write(struct thread_state *s, u32 pid, u8 spa
 	struct reg_key rk = {.pid = pid, .vm = s->vm, .addr = addr, .space = space};
 	struct ioeventfd_set *set = ioeventfds.lookup(&rk);
 	if (set) {
-#pragma unroll
+#pragma clang loop unroll(disable)
 		for (int i = 0; i < IOEVENTFD_SLOTS; i++) {
 			struct ioeventfd_slot *e = &set->slot[i];
 			if (!e->used || (e->len && e->len != size))
@@ -606,7 +617,7 @@ static __always_inline u8 classify_write(struct thread_state *s, u32 pid, u8 spa
 		struct vm_key vk = {.pid = pid, .vm = s->vm};
 		struct zone_set *zs = zones.lookup(&vk);
 		if (zs) {
-#pragma unroll
+#pragma clang loop unroll(disable)
 			for (int i = 0; i < ZONE_SLOTS; i++) {
 				struct zone *z = &zs->zone[i];
 				if (z->used && z->pio == space && addr >= z->addr &&
@@ -907,8 +918,6 @@ static __always_inline void on_kvm_run(struct thread_state *s, u32 pid, u32 fd)
 	}
 	s->exit_kind = EXIT_NONE;
 	s->fresh_entry = 1;
-	if (s->state_gen != cfg(CFG_STATE_GEN))
-		refresh(s, pid);
 }
 
 static __always_inline void bump_reg_gen(void)
@@ -943,7 +952,7 @@ static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
 		set = ioeventfds.lookup(&rk);
 		if (!set)
 			return;
-#pragma unroll
+#pragma clang loop unroll(disable)
 		for (int i = 0; i < IOEVENTFD_SLOTS; i++) {
 			struct ioeventfd_slot *e = &set->slot[i];
 			if (e->used && e->len == a->len && e->wildcard == wildcard &&
@@ -963,7 +972,7 @@ static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
 		bump(CNT_DROPPED_REGISTRATIONS, 1);
 		return;
 	}
-#pragma unroll
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < IOEVENTFD_SLOTS; i++) {
 		struct ioeventfd_slot *e = &set->slot[i];
 		if (!e->used) {
@@ -995,7 +1004,7 @@ static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
 	}
 	u8 pio = a->pio ? 1 : 0;
 	int placed = 0;
-#pragma unroll
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < ZONE_SLOTS; i++) {
 		struct zone *z = &zs->zone[i];
 		if (add) {
@@ -1112,6 +1121,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 #define FLATVIEW_ROOT 48
 #define UPROBE_ARG2(ctx) (((u64 *)(ctx))[13])   /* pt_regs->si on x86-64 */
 
+#ifdef WITH_QEMU_MIRROR     /* compiled only when a QEMU may be traced */
+
 static __always_inline u64 user_u64(u64 addr)
 {
 	u64 v = 0;
@@ -1178,6 +1189,7 @@ int qemu_flatview_section(void *ctx)
 	layout_events.ringbuf_submit(e, 0);
 	return 0;
 }
+#endif /* WITH_QEMU_MIRROR */
 
 /* Where a vCPU's struct kvm_run is mapped: mmap(vcpu_fd, offset 0). */
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
@@ -1214,7 +1226,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
  * removed again when the thread exits. */
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
-	if (!cfg(CFG_FILTER))
+	if (cfg(CFG_MODE) != MODE_TARGETS)
 		return 0;
 	u32 parent = bpf_get_current_pid_tgid() >> 32;
 	if (!targets.lookup(&parent))

@@ -39,16 +39,21 @@ COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambigu
             "unmatched_exits", "dropped_registrations", "dropped_vms", "inferred_exits",
             "lost_layout", "lost_raw_events")
 
-CFG_FILTER, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET, CFG_EVENTS_LEFT = 0, 1, 2, 3, 4
+CFG_MODE, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET, CFG_EVENTS_LEFT = 0, 1, 2, 3, 4
 CFG_STATE_GEN = 5
+MODE_ALL, MODE_TARGETS = 1, 2       # 0: setting up, nothing traced
 RAW_ACCESS, RAW_LATENCY = 0, 1
 REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
 
 
-def compile_flags(have_fast_mmio, events=False):
+def compile_flags(have_fast_mmio, events=False, mirror=False):
+    """Optional parts are compiled only when used: a third of the compile
+    time, which is most of the time to attach, goes to each."""
     flags = ["-Wno-ignored-attributes", "-Wno-unused-function"]
     if events:
         flags.append("-DWITH_EVENTS")
+    if mirror:
+        flags.append("-DWITH_QEMU_MIRROR")
     flags += keys.bpf_defines() + histogram.bpf_defines()
     flags += [f"-D{name}={value}" for name, value in MAP_SIZES.items()]
     for name in ("KVM_RUN", "KVM_IOEVENTFD", "KVM_CREATE_VM", "KVM_CREATE_VCPU",
@@ -130,7 +135,7 @@ class Tracer:
     children (None: every KVM VM on the host).  `events`: also send the
     first N accesses one by one (event mode)."""
 
-    def __init__(self, pids=None, events=None):
+    def __init__(self, pids=None, events=None, mirror=False):
         preflight()
         path, _ = headers.find(build=True)
         if path is None:
@@ -142,7 +147,8 @@ class Tracer:
         from bcc import BPF
         try:
             self.bpf = BPF(src_file=BPF_SOURCE.encode(),
-                           cflags=compile_flags(self.have_fast_mmio, events=bool(events)))
+                           cflags=compile_flags(self.have_fast_mmio, events=bool(events),
+                                                mirror=mirror))
         except Exception as e:   # BCC raises bare Exception for compile/attach
             raise UserError(f"loading the BPF program failed: {str(e).splitlines()[0]} "
                             "(see `ioregtrace doctor`)") from None
@@ -150,6 +156,7 @@ class Tracer:
         self.histories = collections.defaultdict(LayoutHistory)   # vm serial -> QEMU map
         self.mirrored_binaries = {}          # path -> QemuBinary
         self._ring_open = False
+        self.mirror = mirror
         self.layout_events = 0
         self.known_vms = {}                  # vm serial -> VmInfo, kept after exit
         # BCC's tables and ring buffers are not thread-safe; the exporter
@@ -164,13 +171,16 @@ class Tracer:
             self._last_userspace = {}        # tid -> index of its last userspace event
             config[ctypes.c_int(CFG_EVENTS_LEFT)] = ctypes.c_uint64(events)
             self.bpf["raw_events"].open_ring_buffer(self._on_raw_event)
+        # Programs are attached but trace nothing until this is done.
         if self.filtering:
             for pid in pids:
                 self.add_target(pid)
-            config[ctypes.c_int(CFG_FILTER)] = ctypes.c_uint64(1)
+            config[ctypes.c_int(CFG_MODE)] = ctypes.c_uint64(MODE_TARGETS)
         else:
             for pid in running_pids():
                 self.learn_vcpus(pid)
+            config[ctypes.c_int(CFG_MODE)] = ctypes.c_uint64(MODE_ALL)
+        self._state_changed()
 
     def add_target(self, pid):
         self.bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
@@ -196,6 +206,8 @@ class Tracer:
         qemu.binary.QemuBinary whose mirror_ok is true)."""
         if binary.path in self.mirrored_binaries:
             return
+        if not self.mirror:
+            raise UserError("the QEMU mirror was not compiled in (no QEMU target foreseen)")
         offsets = {b.name_offset for b in self.mirrored_binaries.values()}
         if offsets and binary.name_offset not in offsets:
             raise UserError(f"{binary.path}: a second QEMU build with another MemoryRegion "

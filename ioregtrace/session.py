@@ -93,6 +93,14 @@ class Session:
 
     # -- starting -----------------------------------------------------------
 
+    def _qemu_foreseen(self, filtered):
+        """Whether a QEMU may be traced (so the map mirror is worth compiling)."""
+        candidates = [self.exe] + [process_exe(pid) for pid in self.pids]
+        if not filtered:
+            candidates += [process_exe(pid) for pid in _running_qemus()]
+            candidates += [shutil.which(n) for n in ("qemu-system-x86_64", "qemu-kvm")]
+        return any(path and qemu_binary.looks_like_qemu(path) for path in candidates)
+
     def _qemu_binary(self, path):
         """Mirror QEMU's memory map when the binary allows it; say why not."""
         if path is None or not qemu_binary.looks_like_qemu(path):
@@ -116,7 +124,8 @@ class Session:
         initial = self.pids + ([os.getpid()] if self.cmd else [])
         if self.events is not None and self.events <= 0:
             raise UserError("--events must be > 0")
-        self.tracer = Tracer(pids=initial if filtered else None, events=self.events)
+        self.tracer = Tracer(pids=initial if filtered else None, events=self.events,
+                             mirror=self._qemu_foreseen(filtered))
         try:
             self._start_targets(filtered)
         except BaseException:

@@ -84,3 +84,21 @@ def test_a_reused_pid_is_a_new_vm(tracing_host, tmp_path):
     assert count_rows(load_json(t1)) == count_rows(load_json(t2))
     for key, count in count_rows(load_json(t1)).items():
         assert sorted(per_key[key]) == [count, count], key     # two VMs, never merged
+
+
+def test_other_vms_are_not_counted(tracing_host, tmp_path):
+    """A VM that is not a target stays out, even one that never leaves the
+    guest (it was once seen before the filter was set up, see CFG_MODE)."""
+    busy = subprocess.Popen([IOREGTRACE, "demo", "--scale", "0", "--set", "doorbell=100000",
+                             "--repeat", "100000"], stderr=subprocess.DEVNULL)
+    try:
+        truth, out = tmp_path / "truth.json", tmp_path / "stat.json"
+        res = run_cli("stat", "--json", "-o", str(out), "--", IOREGTRACE, "demo",
+                      "--scale", "0.2", "--delay-us", "100", "--truth", str(truth))
+        assert res.returncode == 0, res.stderr
+        doc = load_json(out)
+        assert {r["pid"] for r in doc["rows"]} == {load_json(truth)["rows"][0]["pid"]}
+        assert count_rows(doc) == count_rows(load_json(truth))
+    finally:
+        busy.kill()
+        busy.wait()
