@@ -240,7 +240,7 @@ class Session:
                 facts.qemu_version = control.version_string()
                 facts.cmdline = control.cmdline
         self.tracer.poll()
-        events = self.tracer.events
+        events = self.tracer.raw_events() if self.tracer.events is not None else None
         if events is not None:
             events.lost = snapshot.counters.get("lost_raw_events", 0)
         return Recording(snapshot=snapshot, duration_s=self.elapsed, vms=vms, notes=notes,

@@ -47,3 +47,13 @@ def test_uapi_structs_read_from_ioctl_arguments_match_the_abi():
     zone = re.search(r"struct ioctl_zone \{(.*?)\};", SOURCE, re.S).group(1)
     assert [n for _, n in re.findall(r"(u64|u32) (\w+);", zone)] == [
         f[0] for f in kvmapi.KvmCoalescedMmioZone._fields_]
+
+
+def test_raw_event_layout_matches_the_program():
+    """probes.RAW_EVENT decodes struct raw_event: same fields, same order."""
+    body = re.search(r"struct raw_event \{(.*?)\};", SOURCE, re.S).group(1)
+    fmt = {"u64": "Q", "u32": "I", "u8": "B"}
+    out = "<"
+    for ctype, name, count in re.findall(r"(u64|u32|u8) (\w+)(?:\[(\d+)\])?;", body):
+        out += f"{count}x" if count else fmt[ctype]
+    assert out == probes.RAW_EVENT.format
