@@ -54,6 +54,6 @@ def test_raw_event_layout_matches_the_program():
     body = re.search(r"struct raw_event \{(.*?)\};", SOURCE, re.S).group(1)
     fmt = {"u64": "Q", "u32": "I", "u8": "B"}
     out = "<"
-    for ctype, name, count in re.findall(r"(u64|u32|u8) (\w+)(?:\[(\d+)\])?;", body):
+    for ctype, _name, count in re.findall(r"(u64|u32|u8) (\w+)(?:\[(\d+)\])?;", body):
         out += f"{count}x" if count else fmt[ctype]
     assert out == probes.RAW_EVENT.format
