@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test unit bench clean
+.PHONY: setup demo test unit bench kernel vmtest clean
 
 setup:
 	@scripts/setup.sh
@@ -23,6 +23,16 @@ unit: setup
 # BENCH_ARGS=--quick for a short run, --soak MINUTES for the soak.
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Linux 6.12 with the ioregionfd series (kernel/patches), and its selftest;
+# built once per machine, cached in /var/cache/ioregtrace/kernel/.
+kernel: setup
+	kernel/build.sh
+
+# Boot it under QEMU TCG (nested KVM) and run the selftests and ioregtrace
+# there (also part of `make test`).
+vmtest: setup
+	IOREGTRACE_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -v tests/test_vm.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -387,6 +387,26 @@ def soak(minutes, log):
     return {"minutes": minutes, "start": start, "end": end, "scrapes": scrapes[0]}
 
 
+def vm_round_trip(log):
+    """ioregionfd vs the userspace-forwarded path for the same device, in
+    the VM booted from kernel/ (the only kernel with ioregionfd): ratios
+    from one run of bench/vm_round_trip.py there."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "kernel"))
+    import vm
+    repo = os.path.dirname(HERE)
+    with tempfile.TemporaryDirectory(prefix="ioregtrace-bench-vm-") as share:
+        rc, console = vm.run(f"{sys.executable} bench/vm_round_trip.py /tmp/vmtest/rt.json",
+                             cwd=repo, share=share, timeout=1200)
+        if rc != 0:
+            raise RuntimeError(f"VM round trip failed (exit {rc}): {console[-1500:]}")
+        with open(os.path.join(share, "rt.json")) as f:
+            result = json.load(f)
+    g = result["guest_visible_us"]
+    log(f"  vm: per access {g['userspace']:.1f} us forwarded, {g['ioregionfd']:.1f} us "
+        f"ioregionfd; traced means {result['traced']}")
+    return result
+
+
 def verdicts(overheads, extras, attach, soaked):
     """Each target: (name, pass, figure)."""
     out = []
@@ -431,16 +451,18 @@ def verdicts(overheads, extras, attach, soaked):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer, shorter runs")
-    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 5, quick 2)")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 4, quick 2)")
     ap.add_argument("--soak", type=float, metavar="MINUTES", help="also run the soak")
     ap.add_argument("--json", metavar="FILE", help="write every figure here")
+    ap.add_argument("--no-vm", action="store_true",
+                    help="skip the ioregionfd round trip in the VM (--quick skips it too)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: must run as root (BPF, perf)")
     for needed in ("bpftrace", "perf"):
         if shutil.which(needed) is None:
             sys.exit(f"bench: {needed} is not installed (make setup installs it)")
-    repeats = args.repeats or (2 if args.quick else 6)
+    repeats = args.repeats or (2 if args.quick else 4)
     seconds = 1.0 if args.quick else 3.0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     t0 = time.monotonic()
@@ -450,6 +472,7 @@ def main():
     spread = noise(results)
     attach = attach_time(log)
     soaked = soak(args.soak, log) if args.soak else None
+    round_trip = None if args.quick or args.no_vm else vm_round_trip(log)
     checks = verdicts(overheads, extras, attach, soaked)
 
     print("\nNoise: identical untraced runs differed by " + ", ".join(
@@ -470,6 +493,14 @@ def main():
     mem = [e for w in extras.values() for e in w["ioregtrace stat (aggregate)"]]
     print(f"\n  ioregtrace stat: peak RSS {max(e['peak_rss_kib'] for e in mem)} KiB, "
           f"BPF maps {max(e['bpf_map_kib'] for e in mem)} KiB")
+    if round_trip:
+        g = round_trip["guest_visible_us"]
+        print(f"\nioregionfd vs userspace-forwarded, same device, in the VM (QEMU TCG, nested "
+              f"KVM; {round_trip['reads']} reads each):\n"
+              f"  guest-visible time per read: {g['ioregionfd']:.1f} us vs {g['userspace']:.1f} "
+              f"us, ratio {round_trip['guest_visible_ratio']:.2f}\n"
+              f"  ioregtrace round trips: mean ratio {round_trip['traced_ratio_mean']:.2f}, "
+              f"p50 ratio {round_trip['traced_ratio_p50']:.2f}")
     print("\nTargets")
     for name, ok, figure in checks:
         print(f"  [{'pass' if ok else 'FAIL'}] {name}: {figure}")
@@ -480,7 +511,7 @@ def main():
                        "noise": spread,
                        "extras": extras,
                        "bpf_ns_per_access": costs,
-                       "attach": attach, "soak": soaked,
+                       "attach": attach, "soak": soaked, "vm_round_trip": round_trip,
                        "checks": [{"name": n, "pass": ok, "figure": fig}
                                   for n, ok, fig in checks]}, f, indent=1)
 

@@ -204,6 +204,8 @@ struct thread_state {
 	struct access_key exit_key;
 	u64 await_addr;
 	u64 pio_in_ns;          /* latency of the IN that exited, known at re-entry */
+	u64 ioregion_ts;        /* an ioregionfd command sent, awaiting its response */
+	struct access_key ioregion_key;
 
 	/* one-entry classification cache (doorbell loops hit it) */
 	u64 cache_addr;
@@ -441,7 +443,8 @@ static __always_inline void send_access(struct thread_state *s, struct access_ke
 	e->kind = RAW_ACCESS;
 	e->latency_ns = 0;
 	raw_events.ringbuf_submit(e, 0);
-	s->event_sent = k->path == PATH_USERSPACE;
+	/* a latency event follows for the round trips */
+	s->event_sent = k->path == PATH_USERSPACE || k->path == PATH_IOREGIONFD;
 }
 
 static __always_inline void send_latency(struct thread_state *s, u64 ns)
@@ -702,8 +705,11 @@ RAW_TRACEPOINT_PROBE(kvm_mmio)
 		u8 path = classify_write(s, pid, SPACE_MMIO, gpa, len, (const void *)ctx->args[3]);
 		set_pending(s, pid, SPACE_MMIO, gpa, len, OP_WRITE, path, 1);
 	} else if (type == KVM_TRACE_MMIO_READ_UNSATISFIED) {
-		/* kvm.ko found no handler; the exit that follows confirms it. */
-		set_pending(s, pid, SPACE_MMIO, gpa, len, OP_READ, PATH_KERNEL, 1);
+		/* kvm.ko found no handler; the exit that follows confirms it.
+		 * (Unless it is an ioregionfd read a signal interrupted: sent
+		 * and counted already, completed on re-entry.) */
+		if (!s->await_mmio_read || s->await_addr != gpa)
+			set_pending(s, pid, SPACE_MMIO, gpa, len, OP_READ, PATH_KERNEL, 1);
 	} else if (s->await_mmio_read && s->await_addr == gpa) {
 		s->await_mmio_read = 0;          /* completion of a userspace read */
 	} else if (!suspect_first_read(s)) {
@@ -760,6 +766,74 @@ RAW_TRACEPOINT_PROBE(kvm_fast_mmio)
 	settle_in_kernel(s);
 	count_now(s, pid, SPACE_MMIO, ctx->args[0], 0, OP_WRITE, PATH_IOEVENTFD, 1);
 	s->fresh_entry = 0;
+	return 0;
+}
+#endif
+
+#ifdef HAVE_KVM_IOREGION
+/* ioregionfd (kernel/ patches; KVM_SET_IOREGION): kvm.ko sends the access
+ * to a device task over a socket and, unless it is a posted write, waits
+ * for the response, all on the vCPU thread without leaving KVM_RUN.
+ *
+ * TP_PROTO(bool pio, u64 addr, u32 len, bool write, bool posted,
+ *          u64 user_data, u64 data) */
+RAW_TRACEPOINT_PROBE(kvm_ioregion_send)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	u8 space = ctx->args[0] ? SPACE_PIO : SPACE_MMIO;
+	u64 addr = ctx->args[1];
+	u8 op = ctx->args[3] ? OP_WRITE : OP_READ;
+
+	/* A write's kvm_mmio/kvm_pio event came first and is pending: it is
+	 * this access.  (One limitation: a write interrupted by a signal
+	 * while waiting for a busy socket, before it is sent, is settled as
+	 * a kernel access at that exit and counted again here.) */
+	if (s->pending && s->pend_key.addr == addr && s->pend_key.space == space &&
+	    s->pend_key.op == op)
+		s->pending = 0;
+	else
+		settle_in_kernel(s);
+	struct access_key k = {.pid = s->pid, .vm = s->vm, .addr = addr, .space = space,
+			       .op = op, .path = PATH_IOREGIONFD, .size = ctx->args[2],
+			       .layout = layout_now(s)};
+	count_access(s, &k, 1);
+	if (op == OP_READ) {
+		/* its kvm_mmio READ / kvm_pio IN comes after the response */
+		if (space == SPACE_PIO) {
+			s->skip_pio_in = 1;
+		} else {
+			s->await_mmio_read = 1;
+			s->await_addr = addr;
+		}
+	}
+	if (ctx->args[4]) {             /* posted: no response, no round trip */
+		s->ioregion_ts = 0;
+#ifdef WITH_EVENTS
+		s->event_sent = 0;
+#endif
+	} else {
+		s->ioregion_ts = bpf_ktime_get_ns();
+		s->ioregion_key = k;
+	}
+	s->fresh_entry = 0;
+	return 0;
+}
+
+/* TP_PROTO(bool pio, u64 addr, u32 len, bool write, u64 user_data,
+ *          u64 data, int result).  The ioregionfd latency is from the
+ * command sent to its response received: the device task's whole turn, as
+ * the vCPU waits for it (including any time the vCPU spent back in the VMM
+ * after a signal interrupted the wait).  A failed exchange (result -EIO)
+ * ends the round trip too. */
+RAW_TRACEPOINT_PROBE(kvm_ioregion_response)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced || !s->ioregion_ts || s->ioregion_key.addr != ctx->args[1])
+		return 0;
+	record_latency(s, &s->ioregion_key, bpf_ktime_get_ns() - s->ioregion_ts);
+	s->ioregion_ts = 0;
 	return 0;
 }
 #endif

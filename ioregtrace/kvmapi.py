@@ -85,6 +85,15 @@ class KvmCoalescedMmioZone(ctypes.Structure):
                 ("pio", ctypes.c_uint32)]
 
 
+class KvmIoregion(ctypes.Structure):
+    """KVM_SET_IOREGION's argument: ioregionfd, from the kernel/ patch
+    series (not upstream)."""
+    _fields_ = [("guest_paddr", ctypes.c_uint64), ("memory_size", ctypes.c_uint64),
+                ("user_data", ctypes.c_uint64), ("read_fd", ctypes.c_int32),
+                ("write_fd", ctypes.c_int32), ("flags", ctypes.c_uint32),
+                ("pad", ctypes.c_uint8 * 28)]
+
+
 class KvmPitConfig(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32 * 15)]
 
@@ -93,6 +102,7 @@ assert ctypes.sizeof(KvmSregs) == 312
 assert ctypes.sizeof(KvmRegs) == 144
 assert ctypes.sizeof(KvmIoeventfd) == 64
 assert ctypes.sizeof(KvmCoalescedMmioZone) == 16
+assert ctypes.sizeof(KvmIoregion) == 64
 
 # /dev/kvm ioctls
 KVM_GET_API_VERSION = _io(0x00)
@@ -119,6 +129,21 @@ KVM_API_VERSION = 12
 KVM_CAP_COALESCED_MMIO = 15
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_COALESCED_PIO = 162
+KVM_CAP_IOREGIONFD = 1000    # kernel/patches: out of the upstream sequence
+
+# ioregionfd (kernel/patches): the vm ioctl, its flags, and the 32-byte
+# command KVM writes to the device task and the response it reads back.
+KVM_SET_IOREGION = _iow(0xD6, ctypes.sizeof(KvmIoregion))
+KVM_IOREGION_PIO = 1 << 0
+KVM_IOREGION_POSTED_WRITES = 1 << 1
+KVM_IOREGION_DEASSIGN = 1 << 2
+IOREGIONFD_CMD_READ, IOREGIONFD_CMD_WRITE = 0, 1
+IOREGIONFD_SIZE_MASK = 0xF          # info: log2 of the access size
+IOREGIONFD_RESP = 1 << 4            # info: a response is awaited
+# {u8 cmd; u8 info; u8 pad[6]; u64 user_data; u64 offset; u64 data}
+IOREGIONFD_CMD = struct.Struct("<BB6xQQQ")
+# {u64 data; u8 pad[24]}
+IOREGIONFD_RESP_FORMAT = struct.Struct("<Q24x")
 
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1

@@ -50,7 +50,7 @@ RAW_EVENT = struct.Struct("<QIIIIQIBBBBB7xQ")
 REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
 
 
-def compile_flags(have_fast_mmio, events=False, mirror=False):
+def compile_flags(have_fast_mmio, events=False, mirror=False, have_ioregion=False):
     """Optional parts are compiled only when used: a third of the compile
     time, which is most of the time to attach, goes to each."""
     flags = ["-Wno-ignored-attributes", "-Wno-unused-function"]
@@ -67,6 +67,8 @@ def compile_flags(have_fast_mmio, events=False, mirror=False):
         flags.append(f"-D{name}={getattr(kvmapi, name):#x}U")
     if have_fast_mmio:
         flags.append("-DHAVE_KVM_FAST_MMIO")
+    if have_ioregion:
+        flags.append("-DHAVE_KVM_IOREGION")
     return flags
 
 
@@ -148,11 +150,15 @@ class Tracer:
         if path != headers.running_build_dir():
             os.environ["BCC_KERNEL_SOURCE"] = path
         self.have_fast_mmio = requirements.tracepoint_exists("kvm", "kvm_fast_mmio")
+        # ioregionfd exists only in patched kernels (kernel/ in this tree)
+        self.have_ioregion = all(requirements.tracepoint_exists("kvm", name)
+                                 for name in ("kvm_ioregion_send", "kvm_ioregion_response"))
         from bcc import BPF
         try:
             self.bpf = BPF(src_file=BPF_SOURCE.encode(),
                            cflags=compile_flags(self.have_fast_mmio, events=bool(events),
-                                                mirror=mirror))
+                                                mirror=mirror,
+                                                have_ioregion=self.have_ioregion))
         except Exception as e:   # BCC raises bare Exception for compile/attach
             raise UserError(f"loading the BPF program failed: {str(e).splitlines()[0]} "
                             "(see `ioregtrace doctor`)") from None
@@ -287,6 +293,8 @@ class Tracer:
                   "sched:sched_process_fork", "sched:sched_process_exit"]
         if self.have_fast_mmio:
             probes.append("kvm:kvm_fast_mmio")
+        if self.have_ioregion:
+            probes += ["kvm:kvm_ioregion_send", "kvm:kvm_ioregion_response"]
         return probes
 
     def snapshot_vms(self):

@@ -19,6 +19,8 @@ TRACEPOINTS = (
     ("kvm", "kvm_pio", True),
     ("kvm", "kvm_userspace_exit", True),
     ("kvm", "kvm_fast_mmio", False),      # VMX's EPT-misconfig fast path only
+    ("kvm", "kvm_ioregion_send", False),  # ioregionfd: kernels with kernel/patches
+    ("kvm", "kvm_ioregion_response", False),
     ("syscalls", "sys_enter_ioctl", True),
     ("syscalls", "sys_exit_ioctl", True),
     ("syscalls", "sys_enter_mmap", True),

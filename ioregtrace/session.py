@@ -257,6 +257,10 @@ class Session:
         unavailable = {}
         if not self.tracer.have_fast_mmio:
             unavailable["kvm:kvm_fast_mmio"] = "absent from this kernel (VMX fast path only)"
+        if not self.tracer.have_ioregion:
+            for name in ("kvm:kvm_ioregion_send", "kvm:kvm_ioregion_response"):
+                unavailable[name] = ("absent from this kernel (ioregionfd is not upstream; "
+                                     "kernel/ has the patches)")
         for note in self.notes:
             if note.startswith("QEMU memory map not mirrored"):
                 unavailable["uprobe:flatview_add_to_dispatch"] = note

@@ -8,9 +8,12 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 # BCC and its interpreter; QEMU, tmux and Prometheus for the tests;
 # bpftrace (and linux-perf, below) for the benchmark's peers; binutils, gcc
-# and the uapi headers for the tests of our x86 encoder and KVM ABI copy.
+# and the uapi headers for the tests of our x86 encoder and KVM ABI copy;
+# the kernel build (make kernel: flex, bison, bc, libelf, pahole, ccache)
+# and the test VM's initramfs (busybox-static).
 PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux prometheus bpftrace binutils gcc
-	libc6-dev linux-libc-dev util-linux linux-perf)
+	libc6-dev linux-libc-dev util-linux linux-perf make flex bison bc libelf-dev dwarves ccache
+	busybox-static xz-utils patch)
 
 log() { echo "setup: $*"; }
 

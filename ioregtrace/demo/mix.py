@@ -4,8 +4,9 @@ and which dispatch path each block is built to take.
 Every path this kernel offers has a block: ioeventfd with and without
 datamatch (MMIO and PIO), coalesced MMIO/PIO, kvm.ko's own LAPIC, IOAPIC,
 PIT and PIC, userspace MMIO/PIO handled inline by the vCPU thread, MMIO reads
-forwarded to a device thread (the slow path ioregionfd targets), and string
-PIO.  The expected path is only the design intent: the truth the demo
+forwarded to a device thread (the slow path ioregionfd targets), the same
+reads sent to a device thread by kvm.ko over ioregionfd (patched kernels),
+and string PIO.  The expected path is only the design intent: the truth the demo
 reports is what the VMM observed (eventfd counters, ring entries, exits).
 """
 
@@ -25,6 +26,10 @@ DOORBELL_MMIO = 0x10002000  # ioeventfd, any value
 DOORBELL_DM_MMIO = 0x10002010  # ioeventfd with datamatch
 COALESCED_MMIO = 0x10003000  # coalesced MMIO zone (one page)
 COALESCED_MMIO_SIZE = 0x1000
+# The forwarded device's registers again, served by the same kind of device
+# thread, but dispatched by kvm.ko over ioregionfd (kernels with
+# KVM_CAP_IOREGIONFD, see kernel/): the two paths side by side.
+IOREGION_MMIO = 0x10004000
 LAPIC_BASE = 0xFEE00000
 IOAPIC_BASE = 0xFEC00000
 
@@ -94,6 +99,8 @@ DEFAULT_MIX = (
     one("inline-write8", Space.MMIO, INLINE_MMIO + 8, 1, Op.WRITE, 300, Path.USERSPACE, 0x66),
     one("inline-read16", Space.MMIO, INLINE_MMIO + 12, 2, Op.READ, 300, Path.USERSPACE),
     one("forward-read", Space.MMIO, FORWARD_MMIO, 4, Op.READ, 100, Path.USERSPACE),
+    # Skipped (count 0) where the kernel has no ioregionfd.
+    one("ioregionfd-read", Space.MMIO, IOREGION_MMIO, 4, Op.READ, 100, Path.IOREGIONFD),
     one("pio-out", Space.PIO, PIO_INLINE, 1, Op.WRITE, 1000, Path.USERSPACE, 0x11),
     one("pio-in", Space.PIO, PIO_INLINE + 2, 2, Op.READ, 1000, Path.USERSPACE),
     one("string-out", Space.PIO, PIO_INLINE + 4, 1, Op.WRITE, 50, Path.USERSPACE, rep=64),

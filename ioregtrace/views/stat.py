@@ -2,6 +2,7 @@
 
 from tabulate import tabulate
 
+from .. import candidates
 from ..keys import Path
 
 JSON_VERSION = 1
@@ -49,15 +50,33 @@ def table(report):
     lines.append(f"Total: {total} accesses in {report.duration_s:.2f} s "
                  f"({total / duration:.1f}/s){': ' + parts if parts else ''}")
     lines.append(f"Lost events: {report.lost_events}, dropped keys: {report.dropped_keys}")
-    lines.append("Latency: userspace exit to next KVM_RUN on the same thread; "
-                 "p50/p99 are upper bounds within 12.5 %.")
+    lines.append("Latency: userspace exit to next KVM_RUN on the same thread (ioregionfd: "
+                 "command sent to response received); p50/p99 are upper bounds within "
+                 "12.5 %.")
     if show_calls:
         lines.append("CALLS: how many times QEMU called the region's handler for these "
                      "accesses (it splits accesses wider than the handler implements and "
                      "refuses sizes the region does not accept).")
+    ranked = candidates.rank(report)
+    if ranked:
+        lines += ["", "Candidates for ioregionfd (time spent in userspace round trips; "
+                  "IOREGIONFD: this VM's measured round trip for the same op and size):",
+                  candidates_table(ranked)]
     for note in report.notes:
         lines.append(f"Note: {note}")
     return "\n".join(lines) + "\n"
+
+
+def candidates_table(ranked):
+    body = [[f"{c.pid}/{c.comm}", c.region if c.region is not None else "(unassigned)",
+             c.op, c.size, c.count, f"{c.userspace_mean_us:.1f}", f"{c.userspace_ms:.1f}",
+             _us(c.ioregionfd_mean_us),
+             f"{c.saving_ms:.1f}" if c.saving_ms is not None else "-"]
+            for c in ranked]
+    return tabulate(body, headers=["PID/COMM", "REGION", "OP", "SIZE", "COUNT", "USERSPACEus",
+                                   "TOTALms", "IOREGIONFDus", "SAVESms"],
+                    disable_numparse=True,
+                    colalign=["left", "left", "left"] + ["right"] * 6)
 
 
 def to_json(report):
@@ -83,4 +102,5 @@ def to_json(report):
     return {"version": JSON_VERSION, "duration_s": report.duration_s,
             "lost_events": report.lost_events, "dropped_keys": report.dropped_keys,
             "by": report.by, "rows": rows, "diagnostics": report.diagnostics,
+            "candidates": [c.as_dict() for c in candidates.rank(report)],
             "notes": report.notes}

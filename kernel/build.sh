@@ -1,0 +1,79 @@
+#!/bin/sh
+# make kernel: Debian's linux-source-6.12 (version pinned in source.env) with
+# the ioregionfd series in patches/, a small config (tinyconfig +
+# config.fragment), bzImage and the ioregionfd selftest.
+#
+# The build lives outside the checkout, keyed by everything it is made of,
+# so a second run (or a second clone on this machine) finds it done:
+#   $IOREGTRACE_CACHE/kernel/<key>/{bzImage,ioregionfd_test,src/}
+# Prints that directory on the last line of stdout.
+#
+#   kernel/build.sh [--rebuild]    --rebuild: rebuild the cached tree in place
+#                                  (after editing src/ by hand)
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${IOREGTRACE_CACHE:-/var/cache/ioregtrace}
+. "$HERE/source.env"
+
+key=$(cat "$HERE/source.env" "$HERE/config.fragment" "$HERE/build.sh" \
+	"$HERE"/patches/*.patch | sha256sum | cut -c1-16)
+out=$CACHE/kernel/$key
+log() { echo "kernel: $*" >&2; }
+
+if [ -f "$out/bzImage" ] && [ -x "$out/ioregionfd_test" ] && [ "${1:-}" != --rebuild ]; then
+	log "cached: $out"
+	echo "$out"
+	exit 0
+fi
+
+jobs=$(nproc)
+cc=gcc
+command -v ccache >/dev/null && cc="ccache gcc"
+
+if [ ! -d "$out/src" ]; then
+	deb=$CACHE/debs/linux-source-6.12_${DEBIAN_VERSION}_all.deb
+	if [ ! -f "$deb" ]; then
+		log "downloading linux-source-6.12=$DEBIAN_VERSION"
+		mkdir -p "$CACHE/debs"
+		(cd "$CACHE/debs" && apt-get download -q "linux-source-6.12=$DEBIAN_VERSION") >&2 || {
+			echo "kernel: linux-source-6.12=$DEBIAN_VERSION is not downloadable" \
+				"(apt-get update? or pin a newer version in kernel/source.env)" >&2
+			exit 1
+		}
+	fi
+	rm -rf "$out.tmp"
+	mkdir -p "$out.tmp"
+	log "unpacking $(basename "$deb")"
+	dpkg-deb --fsys-tarfile "$deb" |
+		tar -xO ./usr/src/linux-source-6.12.tar.xz | tar -xJ -C "$out.tmp"
+	mv "$out.tmp/linux-source-6.12" "$out.tmp/src"
+	for p in "$HERE"/patches/*.patch; do
+		log "applying $(basename "$p")"
+		patch -d "$out.tmp/src" -p1 -s --no-backup-if-mismatch <"$p"
+	done
+	(
+		cd "$out.tmp/src"
+		make -s tinyconfig >&2
+		scripts/kconfig/merge_config.sh -m .config "$HERE/config.fragment" >/dev/null
+		make -s olddefconfig >&2
+		# every option asked for must have survived the dependency checks
+		grep '^CONFIG_' "$HERE/config.fragment" | while read -r opt; do
+			grep -qx "$opt" .config || { echo "kernel: config lost $opt" >&2; exit 1; }
+		done
+	)
+	mv "$out.tmp" "$out"
+fi
+
+cd "$out/src"
+log "building bzImage with $jobs jobs (CC=$cc)"
+make -s -j"$jobs" CC="$cc" bzImage >&2
+cp arch/x86/boot/bzImage "$out/bzImage"
+
+log "building the ioregionfd selftest"
+make -s headers >&2
+make -s -C tools/testing/selftests/kvm -j"$jobs" \
+	"$out/src/tools/testing/selftests/kvm/x86_64/ioregionfd_test" >&2
+cp tools/testing/selftests/kvm/x86_64/ioregionfd_test "$out/ioregionfd_test"
+log "done: $out"
+echo "$out"

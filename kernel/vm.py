@@ -1,0 +1,157 @@
+"""Run commands inside a VM booted from the ioregionfd kernel.
+
+The kernel (kernel/build.sh) boots under QEMU TCG with `-cpu EPYC,+svm`:
+this machine's own KVM cannot boot Linux, but TCG's emulated SVM lets the
+guest run nested KVM guests of its own.  The host's root is shared read-only
+over 9p and becomes the guest's root (a busybox initramfs mounts it and
+chroots), so the guest runs the host's Python, BCC and this checkout as
+they are; a second, writable 9p share carries the command in and results
+out.  The serial console is the guest's stdout: the command's output, then
+a last line with its exit status.
+
+    python3 kernel/vm.py [--timeout S] -- COMMAND...   (as root)
+"""
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.environ.get("IOREGTRACE_CACHE", "/var/cache/ioregtrace")
+BUSYBOX = "/bin/busybox"
+EXIT_MARK = "VMTEST-EXIT"
+
+# The guest's /init.  /tmp, /run and the result share are the only
+# writable places; everything else is the host's file system, read-only.
+INIT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host
+mount -t tmpfs tmp /host/tmp
+mount -t tmpfs run /host/run
+mount -t devtmpfs dev /host/dev
+mount -t proc proc /host/proc
+mount -t sysfs sys /host/sys
+mount -t debugfs debugfs /host/sys/kernel/debug
+mount -t tracefs tracefs /host/sys/kernel/tracing
+mkdir -p /host/tmp/vmtest
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /host/tmp/vmtest
+chroot /host /bin/sh /tmp/vmtest/command.sh
+echo "{EXIT_MARK} $?"
+sync
+poweroff -f
+"""
+
+
+class VmError(Exception):
+    pass
+
+
+def build_kernel():
+    """The kernel build directory (bzImage, ioregionfd_test, src/)."""
+    res = subprocess.run(["sh", os.path.join(HERE, "build.sh")], stdout=subprocess.PIPE,
+                         text=True)
+    if res.returncode != 0:
+        raise VmError(f"kernel build failed (exit {res.returncode})")
+    return res.stdout.strip().splitlines()[-1]
+
+
+def _cpio_newc(entries):
+    """A newc cpio archive of (name, mode, data) entries."""
+    out = io.BytesIO()
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        name_b = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_b), 0]
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + name_b)
+        out.write(b"\0" * (-(110 + len(name_b)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+    return out.getvalue()
+
+
+def initramfs():
+    """busybox + /init, cached by content."""
+    with open(BUSYBOX, "rb") as f:
+        busybox = f.read()
+    key = hashlib.sha256(busybox + INIT.encode()).hexdigest()[:16]
+    path = os.path.join(CACHE, "vm", f"initramfs-{key}.cpio.gz")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        d, f = 0o40755, 0o100755
+        archive = _cpio_newc([("bin", d, b""), ("dev", d, b""), ("proc", d, b""),
+                              ("sys", d, b""), ("bin/busybox", f, busybox),
+                              ("init", f, INIT.encode())])
+        with open(path + ".tmp", "wb") as out:
+            out.write(gzip.compress(archive, 6))
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
+    """Run a shell command in a fresh VM: (exit status, console text).
+
+    `share` is a host directory the guest sees, writable, as /tmp/vmtest
+    (the command's files in and out); a temporary one by default."""
+    if shutil.which("qemu-system-x86_64") is None:
+        raise VmError("qemu-system-x86_64 is not installed (make setup)")
+    if not os.path.exists(BUSYBOX):
+        raise VmError(f"{BUSYBOX} is missing (apt-get install busybox-static)")
+    kernel_dir = kernel_dir or build_kernel()
+    own_share = share is None
+    share = share or tempfile.mkdtemp(prefix="ioregtrace-vm-")
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
+    with open(os.path.join(share, "command.sh"), "w") as f:
+        f.write("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+                "export HOME=/tmp\n" + exports +
+                (f"cd {shlex.quote(cwd)} || exit 125\n" if cwd else "") + command + "\n")
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm", "-smp", "2",
+            "-m", "2048", "-nodefaults", "-display", "none", "-no-reboot",
+            "-kernel", os.path.join(kernel_dir, "bzImage"), "-initrd", initramfs(),
+            "-append", "console=ttyS0 panic=-1 quiet",
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
+            "-virtfs", f"local,path={share},mount_tag=results,security_model=none",
+            "-serial", "stdio"]
+    try:
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        console = (e.stdout or b"").decode(errors="replace")
+        raise VmError(f"VM did not finish in {timeout} s; console tail:\n{console[-3000:]}")
+    finally:
+        if own_share:
+            shutil.rmtree(share, ignore_errors=True)
+    console = res.stdout.decode(errors="replace").replace("\r\n", "\n")
+    for line in reversed(console.splitlines()):
+        if line.startswith(EXIT_MARK):
+            return int(line.split()[1]), console
+    raise VmError(f"VM ended without an exit status (qemu exit {res.returncode}); "
+                  f"console tail:\n{console[-3000:]}\n{res.stderr.decode()[-1000:]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        rc, console = run(shlex.join(command) if command else "uname -a", timeout=args.timeout,
+                          cwd=os.getcwd())
+    except VmError as e:
+        sys.exit(f"vm: {e}")
+    sys.stdout.write(console)
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
