@@ -49,7 +49,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /host/tmp/vmte
 chroot /host /bin/sh /tmp/vmtest/command.sh
 echo "{EXIT_MARK} $?"
 sync
-poweroff -f
+reboot -f
 """
 
 

@@ -102,3 +102,57 @@ def test_coalesced_ring_layout_matches_header(header_values):
     assert kvmapi.COALESCED_RING_ENTRY.size == header_values["ring_entry"]
     assert kvmapi.COALESCED_RING_HEADER.size == header_values["ring_header"]
     assert kvmapi.coalesced_ring_max(4096) == header_values["ring_max_4k"]
+
+
+def _ioregion_uapi():
+    """The C lines the kernel/ series adds to <linux/kvm.h>."""
+    import glob
+    added, current = [], None
+    for patch in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "kernel",
+                                               "patches", "*.patch"))):
+        with open(patch) as f:
+            for line in f.read().splitlines():
+                if line.startswith("+++ "):
+                    current = line[4:].split("/", 1)[-1]
+                elif line.startswith("+") and current == "include/uapi/linux/kvm.h":
+                    added.append(line[1:])
+    assert added, "kernel/patches adds nothing to include/uapi/linux/kvm.h"
+    return added
+
+
+def test_ioregionfd_abi_matches_the_patch_series():
+    added = _ioregion_uapi()
+    values = {"KVM_SET_IOREGION": "KVM_SET_IOREGION", "KVM_CAP_IOREGIONFD": "KVM_CAP_IOREGIONFD",
+              "KVM_IOREGION_PIO": "KVM_IOREGION_PIO",
+              "KVM_IOREGION_POSTED_WRITES": "KVM_IOREGION_POSTED_WRITES",
+              "KVM_IOREGION_DEASSIGN": "KVM_IOREGION_DEASSIGN",
+              "IOREGIONFD_RESP": "KVM_IOREGIONFD_RESP",
+              "IOREGIONFD_SIZE_MASK": "KVM_IOREGIONFD_SIZE_MASK",
+              "IOREGIONFD_CMD_WRITE": "KVM_IOREGIONFD_CMD_WRITE",
+              "sizeof_ioregion": "sizeof(struct kvm_ioregion)",
+              "sizeof_cmd": "sizeof(struct kvm_ioregionfd_cmd)",
+              "sizeof_resp": "sizeof(struct kvm_ioregionfd_resp)",
+              "cmd_user_data": "offsetof(struct kvm_ioregionfd_cmd, user_data)",
+              "cmd_offset": "offsetof(struct kvm_ioregionfd_cmd, offset)",
+              "cmd_data": "offsetof(struct kvm_ioregionfd_cmd, data)",
+              "ioregion_flags": "offsetof(struct kvm_ioregion, flags)"}
+    lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/types.h>",
+             "#include <linux/ioctl.h>", "#define KVMIO 0xAE", *added, "int main(void) {"]
+    lines += [f'  printf("{k} %llu\\n", (unsigned long long)({v}));' for k, v in values.items()]
+    lines.append("  return 0; }")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = os.path.join(tmp, "k.c"), os.path.join(tmp, "k")
+        with open(src, "w") as f:
+            f.write("\n".join(lines))
+        subprocess.run(["gcc", "-o", exe, src], check=True)
+        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    got = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+    for name in ("KVM_SET_IOREGION", "KVM_CAP_IOREGIONFD", "KVM_IOREGION_PIO",
+                 "KVM_IOREGION_POSTED_WRITES", "KVM_IOREGION_DEASSIGN", "IOREGIONFD_RESP",
+                 "IOREGIONFD_SIZE_MASK", "IOREGIONFD_CMD_WRITE"):
+        assert getattr(kvmapi, name) == got[name], name
+    assert ctypes.sizeof(kvmapi.KvmIoregion) == got["sizeof_ioregion"] == 64
+    assert kvmapi.KvmIoregion.flags.offset == got["ioregion_flags"]
+    assert kvmapi.IOREGIONFD_CMD.size == got["sizeof_cmd"] == 32
+    assert kvmapi.IOREGIONFD_RESP_FORMAT.size == got["sizeof_resp"] == 32
+    assert (got["cmd_user_data"], got["cmd_offset"], got["cmd_data"]) == (8, 16, 24)
