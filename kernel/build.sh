@@ -29,7 +29,11 @@ fi
 
 jobs=$(nproc)
 cc=gcc
-command -v ccache >/dev/null && cc="ccache gcc"
+if command -v ccache >/dev/null; then
+	cc="ccache gcc"
+	# builds of other keys live in other directories: share their objects
+	export CCACHE_NOHASHDIR=1 CCACHE_BASEDIR="$out"
+fi
 
 if [ ! -d "$out/src" ]; then
 	deb=$CACHE/debs/linux-source-6.12_${DEBIAN_VERSION}_all.deb

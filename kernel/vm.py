@@ -36,7 +36,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /host
 mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mount -t devtmpfs dev /host/dev

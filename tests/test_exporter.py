@@ -107,6 +107,30 @@ def test_latency_histogram_from_kernel_slots():
     assert abs(total - sum(samples) / 1e9) < 1e-12
 
 
+def test_ioregionfd_round_trips_have_their_own_histogram():
+    """Same region, both paths: each latency goes to its own family, so no
+    two samples share a label set."""
+    s = FakeSession()
+    s.vms = {1: VmInfo(7, 1, True, "a")}
+    user, direct = key(0x1000), key(0x1000, path=Path.IOREGIONFD)
+    slots, direct_slots = [0] * histogram.SLOTS, [0] * histogram.SLOTS
+    slots[histogram.slot_of(5000)] = 2
+    direct_slots[histogram.slot_of(2000)] = 3
+    s.accesses = {(1, user): 2, (1, direct): 3}
+    s.latencies = {(1, user): LatencyStats(2, 10_000, 5000, slots),
+                   (1, direct): LatencyStats(3, 6_000, 2000, direct_slots)}
+    out = scrape(exporter.Exporter(s))
+    count = lambda fam: [v for (name, _), v in out.items()   # noqa: E731
+                         if name == fam + "_count"]
+    assert count("ioregtrace_userspace_dispatch_seconds") == [2]
+    assert count("ioregtrace_ioregionfd_round_trip_seconds") == [3]
+    assert [v for (name, _), v in out.items()
+            if name == "ioregtrace_ioregionfd_round_trip_seconds_sum"] == [6e-6]
+    paths = {dict(labels)["path"]: v for (name, labels), v in out.items()
+             if name == "ioregtrace_accesses_total"}
+    assert paths == {"userspace": 2, "ioregionfd": 3}
+
+
 def test_dashboard_json_is_what_build_py_generates():
     out = subprocess.run([sys.executable, "-c", "import build; print(build.render(), end='')"],
                          cwd=os.path.join(REPO, "dashboards"), capture_output=True, text=True,

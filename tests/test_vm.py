@@ -28,6 +28,7 @@ out=/tmp/vmtest
 .venv/bin/ioregtrace stat --json -o $out/stat.json -- \
     .venv/bin/ioregtrace demo --delay-us 200 --truth $out/truth.json \
     > $out/stat.log 2>&1; echo $? > $out/stat.rc
+dmesg > $out/dmesg.txt
 """
 
 FORWARD_MMIO = 0x10001000
@@ -74,6 +75,15 @@ def test_selftests_pass_in_the_vm(guest):
     passed = re.findall(r"^ok \d+ ", tap, re.M)
     assert len(passed) == int(plan.group(1)) >= 9, tap
     assert "not ok" not in tap and "# SKIP" not in tap, tap
+
+
+def test_the_kernel_did_not_warn(guest):
+    """Failures (a device closing its socket, signals, deassign under
+    load) must end in defined results, never a WARN, BUG or oops."""
+    dmesg = _read(guest, "dmesg.txt")
+    bad = [line for line in dmesg.splitlines()
+           if re.search(r"WARNING:|BUG:|Oops|general protection|INFO: task .* blocked", line)]
+    assert not bad, "\n".join(bad)
 
 
 def _stat_and_truth(share):

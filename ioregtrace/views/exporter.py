@@ -24,6 +24,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily)
 
 from .. import __version__, histogram
+from ..keys import Path
 from ..recording import render
 from ..report import merge_stats
 
@@ -148,12 +149,18 @@ class Exporter:
             "ioregtrace_userspace_dispatch_seconds", "Time the VMM took to handle an "
             "exit: from KVM_RUN's return (kvm_userspace_exit) to the next KVM_RUN on the "
             "same vCPU thread.", labels=[n for n in names if n != "path"])
+        direct = HistogramMetricFamily(
+            "ioregtrace_ioregionfd_round_trip_seconds", "Time a device task took to answer "
+            "kvm.ko over ioregionfd: from the command sent (kvm_ioregion_send) to its "
+            "response (kvm_ioregion_response), on the vCPU thread.",
+            labels=[n for n in names if n != "path"])
+        family = {str(Path.USERSPACE): latency, str(Path.IOREGIONFD): direct}
         for labels in sorted(stats):
-            if labels not in series:
+            if labels not in series or labels[5] not in family:
                 continue
             s = stats[labels]
-            latency.add_metric([v for i, v in enumerate(labels) if i != 5],
-                               histogram_buckets(s.slots), s.sum_ns / 1e9)
+            family[labels[5]].add_metric([v for i, v in enumerate(labels) if i != 5],
+                                         histogram_buckets(s.slots), s.sum_ns / 1e9)
         lost = CounterMetricFamily("ioregtrace_lost_events", "Events the tracer saw but "
                                    "could not process.")
         lost.add_metric([], rep.lost_events)
@@ -169,7 +176,7 @@ class Exporter:
         info = InfoMetricFamily("ioregtrace_build", "ioregtrace version and host.")
         info.add_metric([], {"version": __version__, "kernel": platform.release(),
                              "bcc": _bcc_version()})
-        return [accesses, latency, lost, dropped, vms, folded, info]
+        return [accesses, latency, direct, lost, dropped, vms, folded, info]
 
     def _forget_dropped(self):
         """Series of VMs past their grace period leave; what they had folded

@@ -27,8 +27,8 @@ HELP = (
     "  space  pause / resume",
     "  h      this help (any key closes it)",
     "",
-    "Rows: one per VM x region x path.  RATE/s and P50/P99 (userspace",
-    "round trips, microseconds, upper bounds) are for the last interval;",
+    "Rows: one per VM x region x path.  RATE/s and P50/P99 (userspace and",
+    "ioregionfd round trips, microseconds, upper bounds) are for the last interval;",
     "TOTAL and % since start.",
 )
 
