@@ -463,7 +463,7 @@ def main():
         if shutil.which(needed) is None:
             sys.exit(f"bench: {needed} is not installed (make setup installs it)")
     repeats = args.repeats or (2 if args.quick else 4)
-    seconds = 1.0 if args.quick else 3.0
+    seconds = 1.0 if args.quick else 2.5
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     t0 = time.monotonic()
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")

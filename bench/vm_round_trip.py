@@ -61,7 +61,7 @@ def traced_means(reads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--reads", type=int, default=3000)
+    ap.add_argument("--reads", type=int, default=2000)
     args = ap.parse_args()
     userspace = demo_wall_per_access("forward-read", args.reads)
     ioregionfd = demo_wall_per_access("ioregionfd-read", args.reads)

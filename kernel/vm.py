@@ -57,6 +57,23 @@ class VmError(Exception):
     pass
 
 
+def tsc_args():
+    """Kernel arguments that give the guest its TSC frequency.
+
+    TCG's RDTSC reads the host's TSC.  The guest would calibrate it against
+    the emulated PIT, which fails when the host is busy: the guest then has
+    no TSC frequency, and KVM inside it none to give its own guests
+    (KVM_GET_TSC_KHZ returns 0, and the KVM selftests stop there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return f" tsc_early_khz={int(float(line.split(':')[1]) * 1000)} tsc=reliable"
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
 def build_kernel():
     """The kernel build directory (bzImage, ioregionfd_test, src/)."""
     res = subprocess.run(["sh", os.path.join(HERE, "build.sh")], stdout=subprocess.PIPE,
@@ -117,7 +134,7 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm", "-smp", "2",
             "-m", "2048", "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", os.path.join(kernel_dir, "bzImage"), "-initrd", initramfs(),
-            "-append", "console=ttyS0 panic=-1 quiet",
+            "-append", "console=ttyS0 panic=-1 quiet" + tsc_args(),
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
             "-virtfs", f"local,path={share},mount_tag=results,security_model=none",
             "-serial", "stdio"]
@@ -126,7 +143,8 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
                              timeout=timeout)
     except subprocess.TimeoutExpired as e:
         console = (e.stdout or b"").decode(errors="replace")
-        raise VmError(f"VM did not finish in {timeout} s; console tail:\n{console[-3000:]}")
+        raise VmError(f"VM did not finish in {timeout} s; console tail:\n"
+                      f"{console[-3000:]}") from None
     finally:
         if own_share:
             shutil.rmtree(share, ignore_errors=True)

@@ -49,14 +49,10 @@ LAYOUT = {
 }
 
 
-@pytest.fixture(scope="module")
-def header_values():
-    lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/kvm.h>",
-             "int main(void) {"]
-    for name in CONSTANTS:
-        lines.append(f'  printf("{name} %llu\\n", (unsigned long long)({name}));')
-    for name, expr in LAYOUT.items():
-        lines.append(f'  printf("{name} %llu\\n", (unsigned long long)({expr}));')
+def c_values(prelude, exprs):
+    """{name: value} of C expressions, as gcc compiles them after `prelude`."""
+    lines = ["#include <stddef.h>", "#include <stdio.h>", *prelude, "int main(void) {"]
+    lines += [f'  printf("{k} %llu\\n", (unsigned long long)({v}));' for k, v in exprs.items()]
     lines.append("  return 0; }")
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = os.path.join(tmp, "k.c"), os.path.join(tmp, "k")
@@ -65,6 +61,11 @@ def header_values():
         subprocess.run(["gcc", "-o", exe, src], check=True)
         out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.fixture(scope="module")
+def header_values():
+    return c_values(["#include <linux/kvm.h>"], {**{n: n for n in CONSTANTS}, **LAYOUT})
 
 
 @pytest.mark.parametrize("name", CONSTANTS)
@@ -136,17 +137,8 @@ def test_ioregionfd_abi_matches_the_patch_series():
               "cmd_offset": "offsetof(struct kvm_ioregionfd_cmd, offset)",
               "cmd_data": "offsetof(struct kvm_ioregionfd_cmd, data)",
               "ioregion_flags": "offsetof(struct kvm_ioregion, flags)"}
-    lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/types.h>",
-             "#include <linux/ioctl.h>", "#define KVMIO 0xAE", *added, "int main(void) {"]
-    lines += [f'  printf("{k} %llu\\n", (unsigned long long)({v}));' for k, v in values.items()]
-    lines.append("  return 0; }")
-    with tempfile.TemporaryDirectory() as tmp:
-        src, exe = os.path.join(tmp, "k.c"), os.path.join(tmp, "k")
-        with open(src, "w") as f:
-            f.write("\n".join(lines))
-        subprocess.run(["gcc", "-o", exe, src], check=True)
-        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
-    got = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+    got = c_values(["#include <linux/types.h>", "#include <linux/ioctl.h>",
+                    "#define KVMIO 0xAE", *added], values)
     for name in ("KVM_SET_IOREGION", "KVM_CAP_IOREGIONFD", "KVM_IOREGION_PIO",
                  "KVM_IOREGION_POSTED_WRITES", "KVM_IOREGION_DEASSIGN", "IOREGIONFD_RESP",
                  "IOREGIONFD_SIZE_MASK", "IOREGIONFD_CMD_WRITE"):
