@@ -5,14 +5,17 @@ this machine's own KVM cannot boot Linux, but TCG's emulated SVM lets the
 guest run nested KVM guests of its own.  The host's root is shared read-only
 over 9p and becomes the guest's root (a busybox initramfs mounts it and
 chroots), so the guest runs the host's Python, BCC and this checkout as
-they are; a second, writable 9p share carries the command in and results
-out.  The serial console is the guest's stdout: the command's output, then
-a last line with its exit status.
+they are.  The command comes in as a file on the host (its path on the
+kernel command line); the files it leaves in /tmp/vmtest come back on the
+serial console as a base64 tarball, with its exit status.  (Not a writable
+9p share: a guest writing to one hung once in ~50 runs, idle, with QEMU
+7.2's 9p server under TCG.)
 
     python3 kernel/vm.py [--timeout S] -- COMMAND...   (as root)
 """
 
 import argparse
+import base64
 import gzip
 import hashlib
 import io
@@ -21,15 +24,17 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.environ.get("IOREGTRACE_CACHE", "/var/cache/ioregtrace")
 BUSYBOX = "/bin/busybox"
 EXIT_MARK = "VMTEST-EXIT"
+FILES_BEGIN, FILES_END = "VMTEST-FILES-BEGIN", "VMTEST-FILES-END"
 
-# The guest's /init.  /tmp, /run and the result share are the only
-# writable places; everything else is the host's file system, read-only.
+# The guest's /init.  /tmp and /run are the only writable places;
+# everything else is the host's file system, read-only.
 INIT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -45,10 +50,15 @@ mount -t sysfs sys /host/sys
 mount -t debugfs debugfs /host/sys/kernel/debug
 mount -t tracefs tracefs /host/sys/kernel/tracing
 mkdir -p /host/tmp/vmtest
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /host/tmp/vmtest
-chroot /host /bin/sh /tmp/vmtest/command.sh
-echo "{EXIT_MARK} $?"
-sync
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in vmtest=*) command="${{arg#vmtest=}}" ;; esac
+done
+chroot /host /bin/sh "$command"
+rc=$?
+echo "{FILES_BEGIN}"
+tar -C /host/tmp/vmtest -cf - . | gzip | base64
+echo "{FILES_END}"
+echo "{EXIT_MARK} $rc"
 reboot -f
 """
 
@@ -114,29 +124,48 @@ def initramfs():
     return path
 
 
+def _unpack_files(console, share):
+    """The guest's /tmp/vmtest, from between the console markers, into
+    `share`; returns the console without them."""
+    lines = console.splitlines()
+    try:
+        begin, end = lines.index(FILES_BEGIN), lines.index(FILES_END)
+    except ValueError:
+        return console
+    data = base64.b64decode("".join(lines[begin + 1:end]))
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for member in tar.getmembers():     # our own guest's files, still: no escapes
+            if member.name.startswith("/") or ".." in member.name.split("/") or not (
+                    member.isfile() or member.isdir()):
+                raise VmError(f"unexpected file from the guest: {member.name}")
+        tar.extractall(share)
+    return "\n".join(lines[:begin] + lines[end + 1:]) + "\n"
+
+
 def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
     """Run a shell command in a fresh VM: (exit status, console text).
 
-    `share` is a host directory the guest sees, writable, as /tmp/vmtest
-    (the command's files in and out); a temporary one by default."""
+    The command finds /tmp/vmtest empty and writable; what it leaves there
+    is copied into the host directory `share` (when given)."""
     if shutil.which("qemu-system-x86_64") is None:
         raise VmError("qemu-system-x86_64 is not installed (make setup)")
     if not os.path.exists(BUSYBOX):
         raise VmError(f"{BUSYBOX} is missing (apt-get install busybox-static)")
     kernel_dir = kernel_dir or build_kernel()
-    own_share = share is None
-    share = share or tempfile.mkdtemp(prefix="ioregtrace-vm-")
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
-    with open(os.path.join(share, "command.sh"), "w") as f:
+    # Outside /tmp: the guest sees the host's root, but its own /tmp.
+    os.makedirs(os.path.join(CACHE, "vm"), exist_ok=True)
+    inbox = tempfile.mkdtemp(prefix="run-", dir=os.path.join(CACHE, "vm"))
+    command_file = os.path.join(inbox, "command.sh")
+    with open(command_file, "w") as f:
         f.write("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
                 "export HOME=/tmp\n" + exports +
                 (f"cd {shlex.quote(cwd)} || exit 125\n" if cwd else "") + command + "\n")
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm", "-smp", "2",
             "-m", "2048", "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", os.path.join(kernel_dir, "bzImage"), "-initrd", initramfs(),
-            "-append", "console=ttyS0 panic=-1 quiet" + tsc_args(),
+            "-append", f"console=ttyS0 panic=-1 quiet vmtest={command_file}" + tsc_args(),
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
-            "-virtfs", f"local,path={share},mount_tag=results,security_model=none",
             "-serial", "stdio"]
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
@@ -146,9 +175,10 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
         raise VmError(f"VM did not finish in {timeout} s; console tail:\n"
                       f"{console[-3000:]}") from None
     finally:
-        if own_share:
-            shutil.rmtree(share, ignore_errors=True)
+        shutil.rmtree(inbox, ignore_errors=True)
     console = res.stdout.decode(errors="replace").replace("\r\n", "\n")
+    if share is not None:
+        console = _unpack_files(console, share)
     for line in reversed(console.splitlines()):
         if line.startswith(EXIT_MARK):
             return int(line.split()[1]), console

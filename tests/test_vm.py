@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 # shared directory (/tmp/vmtest inside, `share` outside).
 GUEST_SCRIPT = r"""
 out=/tmp/vmtest
-{kdir}/ioregionfd_test > $out/selftest.tap 2>&1; echo $? > $out/selftest.rc
+timeout 300 {kdir}/ioregionfd_test > $out/selftest.tap 2>&1; echo $? > $out/selftest.rc
 .venv/bin/ioregtrace stat --json -o $out/stat.json -- \
     .venv/bin/ioregtrace demo --delay-us 200 --truth $out/truth.json \
     > $out/stat.log 2>&1; echo $? > $out/stat.rc
@@ -55,7 +55,7 @@ def guest(tmp_path_factory):
     kdir = vm.build_kernel()
     share = tmp_path_factory.mktemp("vm")
     rc, console = vm.run(GUEST_SCRIPT.format(kdir=kdir), kernel_dir=kdir, cwd=REPO,
-                         share=str(share), timeout=1500)
+                         share=str(share), timeout=900)
     (share / "console.log").write_text(console)
     assert rc == 0, console[-3000:]
     return share
