@@ -468,9 +468,9 @@ def main():
     t0 = time.monotonic()
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
     results, overheads, extras, wall = measure(repeats, seconds, log)
-    costs = per_event_cost(1.0, log)
+    costs = per_event_cost(0.5 if args.quick else 1.0, log)
     spread = noise(results)
-    attach = attach_time(log)
+    attach = attach_time(log, runs=2 if args.quick else 3)
     soaked = soak(args.soak, log) if args.soak else None
     round_trip = None if args.quick or args.no_vm else vm_round_trip(log)
     checks = verdicts(overheads, extras, attach, soaked)
