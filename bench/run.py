@@ -395,7 +395,7 @@ def vm_round_trip(log):
     import vm
     repo = os.path.dirname(HERE)
     with tempfile.TemporaryDirectory(prefix="ioregtrace-bench-vm-") as share:
-        rc, console = vm.run(f"{sys.executable} bench/vm_round_trip.py /tmp/vmtest/rt.json",
+        rc, console = vm.run(f"{sys.executable} bench/vm_round_trip.py /run/vmtest/rt.json",
                              cwd=repo, share=share, timeout=1200)
         if rc != 0:
             raise RuntimeError(f"VM round trip failed (exit {rc}): {console[-1500:]}")

@@ -15,11 +15,23 @@ set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${IOREGTRACE_CACHE:-/var/cache/ioregtrace}
 . "$HERE/source.env"
-
-key=$(cat "$HERE/source.env" "$HERE/config.fragment" "$HERE/build.sh" \
-	"$HERE"/patches/*.patch | sha256sum | cut -c1-16)
-out=$CACHE/kernel/$key
 log() { echo "kernel: $*" >&2; }
+
+# The pinned version, unless the archive has dropped it (Debian's security
+# archive keeps only recent ones): then the newest 6.12 it has.
+version=$DEBIAN_VERSION
+madison() { apt-cache madison linux-source-6.12 2>/dev/null | awk '{print $3}'; }
+if [ ! -f "$CACHE/debs/linux-source-6.12_${version}_all.deb" ] && ! madison | grep -qx "$version"; then
+	newest=$(madison | sort -V | tail -n 1)
+	[ -n "$newest" ] || { apt-get update -q >&2; newest=$(madison | sort -V | tail -n 1); }
+	[ -n "$newest" ] || { echo "kernel: apt has no linux-source-6.12" >&2; exit 1; }
+	log "linux-source-6.12=$version is no longer in the archive; using $newest"
+	version=$newest
+fi
+
+key=$( (echo "$version"; cat "$HERE/config.fragment" "$HERE/build.sh" "$HERE"/patches/*.patch) |
+	sha256sum | cut -c1-16)
+out=$CACHE/kernel/$key
 
 if [ -f "$out/bzImage" ] && [ -x "$out/ioregionfd_test" ] && [ "${1:-}" != --rebuild ]; then
 	log "cached: $out"
@@ -36,12 +48,12 @@ if command -v ccache >/dev/null; then
 fi
 
 if [ ! -d "$out/src" ]; then
-	deb=$CACHE/debs/linux-source-6.12_${DEBIAN_VERSION}_all.deb
+	deb=$CACHE/debs/linux-source-6.12_${version}_all.deb
 	if [ ! -f "$deb" ]; then
-		log "downloading linux-source-6.12=$DEBIAN_VERSION"
+		log "downloading linux-source-6.12=$version"
 		mkdir -p "$CACHE/debs"
-		(cd "$CACHE/debs" && apt-get download -q "linux-source-6.12=$DEBIAN_VERSION") >&2 || {
-			echo "kernel: linux-source-6.12=$DEBIAN_VERSION is not downloadable" \
+		(cd "$CACHE/debs" && apt-get download -q "linux-source-6.12=$version") >&2 || {
+			echo "kernel: linux-source-6.12=$version is not downloadable" \
 				"(apt-get update? or pin a newer version in kernel/source.env)" >&2
 			exit 1
 		}

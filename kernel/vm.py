@@ -6,7 +6,7 @@ guest run nested KVM guests of its own.  The host's root is shared read-only
 over 9p and becomes the guest's root (a busybox initramfs mounts it and
 chroots), so the guest runs the host's Python, BCC and this checkout as
 they are.  The command comes in as a file on the host (its path on the
-kernel command line); the files it leaves in /tmp/vmtest come back on the
+kernel command line); the files it leaves in /run/vmtest come back on the
 serial console as a base64 tarball, with its exit status.  (Not a writable
 9p share: a guest writing to one hung once in ~50 runs, idle, with QEMU
 7.2's 9p server under TCG.)
@@ -33,8 +33,9 @@ BUSYBOX = "/bin/busybox"
 EXIT_MARK = "VMTEST-EXIT"
 FILES_BEGIN, FILES_END = "VMTEST-FILES-BEGIN", "VMTEST-FILES-END"
 
-# The guest's /init.  /tmp and /run are the only writable places;
-# everything else is the host's file system, read-only.
+# The guest's /init.  /run is the only writable place (TMPDIR points
+# there); everything else is the host's file system, read-only, /tmp
+# included, so a checkout under the host's /tmp works in the guest too.
 INIT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -42,21 +43,20 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /host
-mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mount -t devtmpfs dev /host/dev
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t debugfs debugfs /host/sys/kernel/debug
 mount -t tracefs tracefs /host/sys/kernel/tracing
-mkdir -p /host/tmp/vmtest
+mkdir -p /host/run/vmtest /host/run/tmp
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in vmtest=*) command="${{arg#vmtest=}}" ;; esac
 done
 chroot /host /bin/sh "$command"
 rc=$?
 echo "{FILES_BEGIN}"
-tar -C /host/tmp/vmtest -cf - . | gzip | base64
+tar -C /host/run/vmtest -cf - . | gzip | base64
 echo "{FILES_END}"
 echo "{EXIT_MARK} $rc"
 reboot -f
@@ -125,7 +125,7 @@ def initramfs():
 
 
 def _unpack_files(console, share):
-    """The guest's /tmp/vmtest, from between the console markers, into
+    """The guest's /run/vmtest, from between the console markers, into
     `share`; returns the console without them."""
     lines = console.splitlines()
     try:
@@ -145,7 +145,7 @@ def _unpack_files(console, share):
 def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
     """Run a shell command in a fresh VM: (exit status, console text).
 
-    The command finds /tmp/vmtest empty and writable; what it leaves there
+    The command finds /run/vmtest empty and writable; what it leaves there
     is copied into the host directory `share` (when given)."""
     if shutil.which("qemu-system-x86_64") is None:
         raise VmError("qemu-system-x86_64 is not installed (make setup)")
@@ -153,13 +153,13 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
         raise VmError(f"{BUSYBOX} is missing (apt-get install busybox-static)")
     kernel_dir = kernel_dir or build_kernel()
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
-    # Outside /tmp: the guest sees the host's root, but its own /tmp.
+    # Read by the guest through its view of the host's root.
     os.makedirs(os.path.join(CACHE, "vm"), exist_ok=True)
     inbox = tempfile.mkdtemp(prefix="run-", dir=os.path.join(CACHE, "vm"))
     command_file = os.path.join(inbox, "command.sh")
     with open(command_file, "w") as f:
         f.write("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
-                "export HOME=/tmp\n" + exports +
+                "export HOME=/run/tmp TMPDIR=/run/tmp\n" + exports +
                 (f"cd {shlex.quote(cwd)} || exit 125\n" if cwd else "") + command + "\n")
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm", "-smp", "2",
             "-m", "2048", "-nodefaults", "-display", "none", "-no-reboot",

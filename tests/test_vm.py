@@ -21,9 +21,9 @@ import vm  # noqa: E402
 pytestmark = pytest.mark.integration
 
 # The guest's script: each step leaves its output and exit status in the
-# shared directory (/tmp/vmtest inside, `share` outside).
+# shared directory (/run/vmtest inside, `share` outside).
 GUEST_SCRIPT = r"""
-out=/tmp/vmtest
+out=/run/vmtest
 timeout 300 {kdir}/ioregionfd_test > $out/selftest.tap 2>&1; echo $? > $out/selftest.rc
 .venv/bin/ioregtrace stat --json -o $out/stat.json -- \
     .venv/bin/ioregtrace demo --delay-us 200 --truth $out/truth.json \
