@@ -127,6 +127,7 @@ struct reg_record {
 };
 #define REG_IOEVENTFD 1
 #define REG_ZONE 2
+#define REG_IOREGION 3          /* names only: the send tracepoint gives the path */
 
 /* struct kvm_ioeventfd and struct kvm_coalesced_mmio_zone (uapi) */
 struct ioctl_ioeventfd {
@@ -141,6 +142,15 @@ struct ioctl_zone {
 	u64 addr;
 	u32 size;
 	u32 pio;
+};
+
+struct ioctl_ioregion {         /* the start of struct kvm_ioregion */
+	u64 guest_paddr;
+	u64 memory_size;
+	u64 user_data;
+	s32 read_fd;
+	s32 write_fd;
+	u32 flags;
 };
 
 /* The start of struct kvm_run (uapi), up to the exit data we decode. */
@@ -221,6 +231,7 @@ struct thread_state {
 	union {
 		struct ioctl_ioeventfd ioeventfd;
 		struct ioctl_zone zone;
+		struct ioctl_ioregion ioregion;
 	} ioctl_arg;
 };
 
@@ -1108,6 +1119,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	u32 cmd = args->cmd;
 	if (cmd != KVM_RUN && cmd != KVM_IOEVENTFD && cmd != KVM_CREATE_VM &&
 	    cmd != KVM_CREATE_VCPU && cmd != KVM_REGISTER_COALESCED_MMIO &&
+#ifdef HAVE_KVM_IOREGION
+	    cmd != KVM_SET_IOREGION &&
+#endif
 	    cmd != KVM_UNREGISTER_COALESCED_MMIO)
 		return 0;
 	struct thread_state *s = thread();
@@ -1128,6 +1142,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	if (cmd == KVM_IOEVENTFD)
 		bpf_probe_read_user(&s->ioctl_arg.ioeventfd, sizeof(s->ioctl_arg.ioeventfd),
 				    (void *)args->arg);
+#ifdef HAVE_KVM_IOREGION
+	else if (cmd == KVM_SET_IOREGION)
+		bpf_probe_read_user(&s->ioctl_arg.ioregion, sizeof(s->ioctl_arg.ioregion),
+				    (void *)args->arg);
+#endif
 	else if (cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU)
 		bpf_probe_read_user(&s->ioctl_arg.zone, sizeof(s->ioctl_arg.zone),
 				    (void *)args->arg);
@@ -1166,6 +1185,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 		vcpu_runs.update(&fk, &unmapped);
 	} else if (cmd == KVM_IOEVENTFD) {
 		apply_ioeventfd(s, pid);
+#ifdef HAVE_KVM_IOREGION
+	} else if (cmd == KVM_SET_IOREGION) {
+		struct ioctl_ioregion *a = &s->ioctl_arg.ioregion;
+		if (!(a->flags & KVM_IOREGION_DEASSIGN))
+			remember(pid, s->vm, REG_IOREGION,
+				 (a->flags & KVM_IOREGION_PIO) ? SPACE_PIO : SPACE_MMIO,
+				 a->guest_paddr, a->memory_size);
+#endif
 	} else {
 		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO);
 	}

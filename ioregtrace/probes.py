@@ -47,7 +47,7 @@ RAW_ACCESS, RAW_LATENCY = 0, 1
 # struct raw_event: ts, tid, pid, vm, layout, addr, count, space, op, path,
 # size, kind, pad[7], latency_ns
 RAW_EVENT = struct.Struct("<QIIIIQIBBBBB7xQ")
-REG_KINDS = {1: "ioeventfd", 2: "coalesced"}     # REG_IOEVENTFD, REG_ZONE
+REG_KINDS = {1: "ioeventfd", 2: "coalesced", 3: "ioregion"}   # REG_IOEVENTFD, _ZONE, _IOREGION
 
 
 def compile_flags(have_fast_mmio, events=False, mirror=False, have_ioregion=False):
@@ -63,7 +63,8 @@ def compile_flags(have_fast_mmio, events=False, mirror=False, have_ioregion=Fals
     for name in ("KVM_RUN", "KVM_IOEVENTFD", "KVM_CREATE_VM", "KVM_CREATE_VCPU",
                  "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO",
                  "KVM_EXIT_MMIO", "KVM_EXIT_IO", "KVM_IOEVENTFD_FLAG_PIO",
-                 "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_DEASSIGN"):
+                 "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_DEASSIGN",
+                 "KVM_SET_IOREGION", "KVM_IOREGION_PIO", "KVM_IOREGION_DEASSIGN"):
         flags.append(f"-D{name}={getattr(kvmapi, name):#x}U")
     if have_fast_mmio:
         flags.append("-DHAVE_KVM_FAST_MMIO")

@@ -1,7 +1,7 @@
 """Fallback region names, used until a VMM tells us its own (QEMU's memory
-tree): the ioeventfd or coalesced zone the address belongs to (facts from
-the VM's own registrations), then the device x86 places there by convention
-(the ones kvm.ko can emulate), else `mmio@0x...` / `pio@0x...`."""
+tree): the ioeventfd, coalesced zone or ioregion the address belongs to
+(facts from the VM's own registrations), then the device x86 places there
+by convention (the ones kvm.ko can emulate), else `mmio@0x...` / `pio@0x...`."""
 
 from .keys import Space
 
@@ -20,13 +20,15 @@ CONVENTIONAL_DEVICES = (
 
 class FallbackNamer:
     """Names from the registrations a snapshot holds: (vm serial, kind,
-    space, addr, size), kind "ioeventfd" or "coalesced"."""
+    space, addr, size), kind "ioeventfd", "coalesced" or "ioregion"."""
 
     def __init__(self, registrations=()):
         self.doorbells = {(vm, space, addr) for vm, kind, space, addr, _ in registrations
                           if kind == "ioeventfd"}
         self.zones = [(vm, space, addr, size) for vm, kind, space, addr, size in registrations
                       if kind == "coalesced"]
+        self.ioregions = [(vm, space, addr, size) for vm, kind, space, addr, size
+                          in registrations if kind == "ioregion"]
 
     def name(self, vm, space, addr):
         if (vm, space, addr) in self.doorbells:
@@ -34,6 +36,9 @@ class FallbackNamer:
         for zvm, zspace, base, size in self.zones:
             if zvm == vm and zspace == space and base <= addr < base + size:
                 return f"coalesced@{base:#x}"
+        for rvm, rspace, base, size in self.ioregions:
+            if rvm == vm and rspace == space and base <= addr < base + max(size, 1):
+                return f"ioregionfd@{base:#x}"
         for dspace, base, length, name in CONVENTIONAL_DEVICES:
             if dspace == space and base <= addr < base + length:
                 return name

@@ -26,3 +26,14 @@ def test_registrations_are_per_vm_and_win_over_conventions():
     assert n.name(2, Space.MMIO, 0x100F) == "coalesced@0x1000"
     assert n.name(2, Space.MMIO, 0x1010) == "mmio@0x1010"
     assert n.name(1, Space.MMIO, 0x1000) == "mmio@0x1000"
+
+
+def test_ioregions_name_their_whole_range():
+    n = FallbackNamer([(1, "ioregion", Space.MMIO, 0x10004000, 0x1000),
+                       (1, "ioregion", Space.PIO, 0x6000, 0)])     # zero size: one port
+    assert n.name(1, Space.MMIO, 0x10004000) == "ioregionfd@0x10004000"
+    assert n.name(1, Space.MMIO, 0x10004ffc) == "ioregionfd@0x10004000"
+    assert n.name(1, Space.MMIO, 0x10005000) == "mmio@0x10005000"
+    assert n.name(1, Space.PIO, 0x6000) == "ioregionfd@0x6000"
+    assert n.name(1, Space.PIO, 0x6001) == "pio@0x6001"
+    assert n.name(2, Space.MMIO, 0x10004000) == "mmio@0x10004000"   # another VM

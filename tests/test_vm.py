@@ -106,6 +106,8 @@ def test_ioregionfd_latency_is_reported_next_to_the_forwarded_device(guest):
     rows = {(r["address"], r["path"]): r for r in stat["rows"]}
     forwarded = rows[(FORWARD_MMIO, "userspace")]
     direct = rows[(IOREGION_MMIO, "ioregionfd")]
+    # named from the VM's KVM_SET_IOREGION, seen on its way in
+    assert direct["region"] == f"ioregionfd@{IOREGION_MMIO:#x}"
     for row in (forwarded, direct):
         lat = row["latency_us"]
         assert lat and 0 < lat["p50"] <= lat["p99"] <= lat["max"] * 1.125, row
