@@ -200,23 +200,24 @@ TOOLS = [Untraced, Floor, IoregStat, IoregRecord, Bpftrace, PerfStat, PerfRecord
 BPF_TOOLS = [Floor, IoregStat, IoregRecord, Bpftrace]
 
 
-def peak_rss_kib(pid):
+def _status_kib(pid, field):
+    """A `field: N kB` line of /proc/PID/status, or None."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
 
 
+def peak_rss_kib(pid):
+    return _status_kib(pid, "VmHWM")
+
+
 def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return None
+    return _status_kib(pid, "VmRSS")
 
 
 def bpf_map_kib(pid):

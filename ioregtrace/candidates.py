@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .keys import Path
+from .report import merge_stats
 
 
 @dataclass
@@ -50,40 +51,36 @@ class Candidate:
                 "saving_ms": self.saving_ms}
 
 
-def _mean_us(sum_ns, count):
-    return sum_ns / count / 1000.0
+def _mean_us(stats):
+    return stats.sum_ns / stats.count / 1000.0
 
 
 def rank(report, limit=10):
     """The report's userspace regions with measured round trips, most
-    time first."""
-    userspace = {}
-    ioregionfd = collections.defaultdict(lambda: [0, 0])   # (vm, op, size) -> [n, sum_ns]
+    time first.  A row's accesses take its most frequent size (the one a
+    region row is compared by)."""
+    userspace = {}        # (vm, region, op) -> [first row, LatencyStats, sizes]
+    ioregionfd = {}       # (vm, op, size) -> LatencyStats
     for row in report.rows:
-        stats = row.stats
-        if stats is None or stats.count == 0:
+        if row.stats is None or row.stats.count == 0:
             continue
         if row.key.path == Path.IOREGIONFD:
-            for size in row.sizes:
-                acc = ioregionfd[(row.vm, row.key.op, size)]
-                acc[0] += stats.count
-                acc[1] += stats.sum_ns
+            group = (row.vm, row.key.op, row.sizes.most_common(1)[0][0])
+            ioregionfd[group] = merge_stats(ioregionfd.get(group), row.stats)
         elif row.key.path == Path.USERSPACE:
-            group = (row.vm, row.region, row.key.op)
-            entry = userspace.setdefault(group, [row, 0, 0, collections.Counter()])
-            entry[1] += stats.count
-            entry[2] += stats.sum_ns
-            entry[3].update(row.sizes)
+            entry = userspace.setdefault((row.vm, row.region, row.key.op),
+                                         [row, None, collections.Counter()])
+            entry[1] = merge_stats(entry[1], row.stats)
+            entry[2].update(row.sizes)
     out = []
-    for (vm, region, op), (row, n, sum_ns, sizes) in userspace.items():
+    for (vm, region, op), (row, stats, sizes) in userspace.items():
         size = sizes.most_common(1)[0][0]
-        count = sum(sizes.values())
         c = Candidate(vm=vm, pid=row.key.pid, comm=row.comm, region=region, op=str(op),
-                      size=size, count=count, userspace_mean_us=_mean_us(sum_ns, n))
+                      size=size, count=sum(sizes.values()), userspace_mean_us=_mean_us(stats))
         measured = ioregionfd.get((vm, op, size))
-        if measured and measured[0]:
-            c.ioregionfd_count = measured[0]
-            c.ioregionfd_mean_us = _mean_us(measured[1], measured[0])
+        if measured is not None:
+            c.ioregionfd_count = measured.count
+            c.ioregionfd_mean_us = _mean_us(measured)
         out.append(c)
     out.sort(key=lambda c: (-c.userspace_ms, c.pid, c.region or ""))
     return out[:limit]

@@ -45,3 +45,23 @@ def test_measured_ioregionfd_round_trip_stands_beside_the_same_kind_of_access():
     doc = stat_view.to_json(rep)
     assert {c["region"]: c["saving_ms"] for c in doc["candidates"]}["mmio@0x1000"] == \
         pytest.approx(2.0)
+
+
+def test_a_region_row_of_several_sizes_is_measured_once():
+    """Region rows merge sizes: an ioregionfd row's measurement goes to its
+    most frequent size, once, not once per size it holds (which would show
+    the same 4 round trips as 4-byte and as 2-byte measurements)."""
+    by4, by2 = key(0x1000, Op.READ), key(0x2000, Op.READ, size=2)
+    four, two = key(0x4000, Op.READ, path=Path.IOREGIONFD), key(0x4004, Op.READ,
+                                                                 path=Path.IOREGIONFD, size=2)
+    snap = snapshot(accesses={(1, by4): 10, (1, by2): 10, (1, four): 3, (1, two): 1},
+                    latencies={(1, by4): latency([30_000] * 10),
+                               (1, by2): latency([30_000] * 10),
+                               (1, four): latency([10_000] * 3),
+                               (1, two): latency([20_000])},
+                    registrations=[(1, "ioregion", four.space, 0x4000, 0x1000)])
+    rep = report.build(snap, 1.0, by=report.BY_REGION)
+    ranked = {c.region: c for c in candidates.rank(rep)}
+    assert ranked["mmio@0x1000"].ioregionfd_count == 4
+    assert ranked["mmio@0x1000"].ioregionfd_mean_us == pytest.approx(12.5)
+    assert ranked["mmio@0x2000"].ioregionfd_mean_us is None
