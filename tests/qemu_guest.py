@@ -50,7 +50,11 @@ def _writes(code, addr, size, value, n):
     code.loop(n, lambda: code.store(addr, size))
 
 
-def bar_move_guest():
+def bar_move_guest(keep_running=False):
+    """keep_running: after both phases, keep reading the pci-testdev (about
+    forever) instead of powering off, for tests that attach to a running
+    QEMU: a guest that is done before the tracer attaches leaves it
+    nothing to count."""
     code = GuestCode(LOAD + HEADER)
     # Phase 1: the pci-testdev's BAR0 at X.
     _config_write(code, TESTDEV_BDF, 0x04, 0)          # decode off while moving
@@ -69,6 +73,8 @@ def bar_move_guest():
     _reads(code, ADDR_X, 4, PHASE2_EDU_READS)
     _writes(code, ADDR_X + TESTDEV_EVENTFD, 1, TESTDEV_DATAMATCH, PHASE2_EDU_WRITES)
     _reads(code, ADDR_Y + 4, 1, PHASE2_TESTDEV_READS)
+    if keep_running:
+        code.loop(0xFFFFFFFF, lambda: _reads(code, ADDR_Y + 4, 1, 1000), reg=5)
     # ACPI power off: SLP_EN in PM1a_CNT (PIIX4 PM at 0x600 after SeaBIOS).
     code.mov_imm(2, 0x604)
     code.mov_imm(0, 0x2000)

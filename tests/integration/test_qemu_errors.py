@@ -36,9 +36,10 @@ def test_qemu_that_exits_before_qmp_answers(tracing_host, tmp_path):
 
 @pytest.fixture
 def running_qemu(tracing_host, tmp_path):
-    """A QEMU running the BAR-move guest (it powers off by itself)."""
+    """A QEMU running the BAR-move guest, still making accesses when a
+    tracer attaches to it."""
     kernel = tmp_path / "guest.bin"
-    kernel.write_bytes(g.bar_move_guest())
+    kernel.write_bytes(g.bar_move_guest(keep_running=True))
     vm = subprocess.Popen([QEMU, *g.bar_move_args(kernel)], stderr=subprocess.DEVNULL)
     yield vm
     vm.kill()
