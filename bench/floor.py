@@ -2,7 +2,10 @@
 """The floor probe: the cheapest useful tracer of guest MMIO, one raw
 tracepoint on kvm_mmio with one BPF hash increment (keyed by gpa).  Every
 other tool's overhead is compared with this one's, from the same run.
-Prints "attached" once it is; Ctrl-C/SIGTERM to stop."""
+Prints "attached" once it is; Ctrl-C/SIGTERM to stop.
+
+    floor.py --empty: the same tracepoint with a program that does nothing,
+    whose BPF time is what the kernel's accounting itself adds to each run."""
 
 import signal
 import sys
@@ -23,19 +26,29 @@ RAW_TRACEPOINT_PROBE(kvm_mmio)
 """
 
 
+EMPTY = r"""
+RAW_TRACEPOINT_PROBE(kvm_mmio)
+{
+	return 0;
+}
+"""
+
+
 def main():
     import os
     path, _ = headers.find(build=True)
     if path and path != headers.running_build_dir():
         os.environ["BCC_KERNEL_SOURCE"] = path
     from bcc import BPF
-    b = BPF(text=PROGRAM, cflags=["-Wno-ignored-attributes"])
+    empty = "--empty" in sys.argv[1:]
+    b = BPF(text=EMPTY if empty else PROGRAM, cflags=["-Wno-ignored-attributes"])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print("attached", flush=True)
     stop.wait()
-    print(sum(v.value for v in b["counts"].values()), flush=True)
+    if not empty:
+        print(sum(v.value for v in b["counts"].values()), flush=True)
 
 
 if __name__ == "__main__":

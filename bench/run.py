@@ -31,15 +31,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 IOREGTRACE = os.path.join(BIN, "ioregtrace")
 
+# A pass of each workload takes about 0.2 s; the demo repeats it until
+# stopped and logs each pass (--pass-log), and every figure is taken from
+# the passes that lie wholly inside a window.
 WORKLOADS = {
-    # name: demo arguments for a run of about `n` seconds (the demo's rate is
-    # the figure): ioeventfd doorbells served in the kernel, and exits that
-    # the VMM handles inline (MMIO reads and writes, PIO in and out).
-    "in-kernel": lambda n: ["--scale", "0", "--set", f"doorbell={int(n * 300_000)}"],
-    "userspace": lambda n: ["--scale", "0", "--set", f"inline-read={int(n * 12_000)}",
-                            "--set", f"inline-write={int(n * 12_000)}",
-                            "--set", f"pio-out={int(n * 8_000)}",
-                            "--set", f"pio-in={int(n * 8_000)}"],
+    # name: demo arguments for one pass: ioeventfd doorbells served in the
+    # kernel, and exits that the VMM handles inline (MMIO reads and writes,
+    # PIO in and out).
+    "in-kernel": ["--set", "doorbell=60000"],
+    "userspace": ["--set", "inline-read=2400", "--set", "inline-write=2400",
+                  "--set", "pio-out=1600", "--set", "pio-in=1600"],
 }
 
 
@@ -48,20 +49,48 @@ WORKLOADS = {
 DEMO_CPU, TOOL_CPU = "1", "0"
 
 
-def demo_rate(args):
-    """Run the demo: (its accesses per second of vCPU CPU time, accesses,
-    its wall-clock accesses/s), for the measured pass.
+def demo_argv(workload, passes, pass_log):
+    return ["taskset", "-c", DEMO_CPU, IOREGTRACE, "demo", "--scale", "0",
+            *WORKLOADS[workload], "--repeat", str(passes), "--pass-log", pass_log]
+
+
+def demo_rate(workload, passes):
+    """Run the demo for `passes` passes: (its accesses per second of vCPU
+    CPU time, accesses, its wall-clock accesses/s).
 
     This machine is itself a VM: wall-clock rates move with steal time and
-    the neighbours' load by +-20 % between identical runs.  The vCPU
-    thread's CPU time (guest, KVM, VMM and every BPF program that runs on
-    it; steal excluded) is the figure the verdicts use."""
-    res = subprocess.run(["taskset", "-c", DEMO_CPU, IOREGTRACE, "demo", *args],
-                         capture_output=True, text=True)
+    the neighbours' load.  The vCPU thread's CPU time (guest, KVM, VMM and
+    every BPF program that runs on it; steal excluded) is the figure the
+    verdicts use."""
+    with tempfile.NamedTemporaryFile(prefix="ioregtrace-bench-passes-") as log:
+        res = subprocess.run(demo_argv(workload, passes, log.name), capture_output=True,
+                             text=True)
     m = re.search(r"(\d+) accesses in [\d.]+ s \((\d+)/s\).*\((\d+)/CPU-s\)", res.stderr)
     if res.returncode != 0 or not m:
         raise RuntimeError(f"demo failed: {res.stderr.strip()[-300:]}")
     return int(m.group(3)), int(m.group(1)), int(m.group(2))
+
+
+class PassLog:
+    """The demo's --pass-log: a line per pass, `time cpu_s accesses_so_far`
+    (time: CLOCK_MONOTONIC, which is time.monotonic() here too)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def passes(self):
+        """[(start, end, accesses, cpu_s)] of every complete pass logged."""
+        with open(self.path) as f:
+            rows = [tuple(map(float, line.split())) for line in f if line.count(" ") == 2]
+        return [(a[0], b[0], b[2] - a[2], b[1] - a[1]) for a, b in zip(rows, rows[1:], strict=False)]
+
+    def window(self, t0, t1):
+        """The passes wholly inside [t0, t1]: (per-pass accesses per vCPU
+        CPU-second, per-pass accesses per wall second, accesses)."""
+        inside = [p for p in self.passes() if p[0] >= t0 and p[1] <= t1]
+        return ([n / cpu for _, _, n, cpu in inside if cpu > 0],
+                [n / (end - start) for start, end, n, _ in inside if end > start],
+                sum(n for _, _, n, _ in inside))
 
 
 class Tool:
@@ -127,6 +156,14 @@ class Floor(Tool):
 
     def argv(self):
         return [sys.executable, os.path.join(HERE, "floor.py")]
+
+
+class Empty(Floor):
+    """The cost phase's calibration: a program that does nothing."""
+    name = "empty program (accounting only)"
+
+    def argv(self):
+        return super().argv() + ["--empty"]
 
 
 class IoregStat(Tool):
@@ -244,66 +281,113 @@ def stats(values):
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+BRACKET_S = 1.0         # the untraced window before each tool's
+
+
 def measure(repeats, seconds, log):
-    """Every tool, `repeats` times, in a new shuffled order each time; a
-    tool is started once per repeat and runs both workloads."""
+    """Every tool, `repeats` times in a new shuffled order each time,
+    attached for `seconds` to a demo VM that runs its workload without a
+    break.  A tool run's reference is the untraced windows just before and
+    after it: this machine's speed drifts by tens of percent over tens of
+    seconds, and a reference taken far away in time carries that drift.
+    The "untraced" tool attaches nothing: its overhead is the method's own
+    noise (an A/A comparison)."""
     sys.path.insert(0, HERE)
     from prog_cost import bpf_stats_enabled
     stats_were = bpf_stats_enabled()
     bpf_stats_enabled(False)       # its accounting would slow every BPF tool down
     results = {w: {t.name: [] for t in TOOLS} for w in WORKLOADS}
     extras = {w: {t.name: [] for t in TOOLS} for w in WORKLOADS}
+    overheads = {w: {t.name: [] for t in TOOLS} for w in WORKLOADS}
+    wall = {w: {t.name: [] for t in TOOLS} for w in WORKLOADS}
     tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
     try:
+        for workload in WORKLOADS:
+            runs = _measure_workload(workload, repeats, seconds, tmp, log)
+            for name, traced, base, wall_traced, wall_base, extra in runs:
+                results[workload][name].append(statistics.median(traced))
+                overheads[workload][name].append(
+                    1 - statistics.median(traced) / statistics.median(base))
+                wall[workload][name].append(
+                    1 - statistics.median(wall_traced) / statistics.median(wall_base))
+                extras[workload][name].append(extra)
+    finally:
+        bpf_stats_enabled(stats_were)
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = lambda table: {w: {n: stats(v) for n, v in per.items()}   # noqa: E731
+                             for w, per in table.items()}
+    return results, summary(overheads), extras, summary(wall)
+
+
+def _measure_workload(workload, repeats, seconds, tmp, log):
+    """[(tool, traced rates, reference rates, the same per wall second,
+    extras)] of every tool run on one continuously running demo VM."""
+    passes = PassLog(os.path.join(tmp, f"passes-{workload}"))
+    demo = subprocess.Popen(demo_argv(workload, 10**9, passes.path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    brackets, runs = [], []
+
+    def bracket():
+        b0 = time.monotonic()
+        time.sleep(BRACKET_S)
+        brackets.append((b0, time.monotonic()))
+    try:
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(passes.path) and len(passes.passes()) >= 3):
+            if demo.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"demo failed: {demo.stderr.read()[-300:]}")
+            time.sleep(0.1)
         for r in range(repeats):
             order = TOOLS[:]
             random.shuffle(order)
             for cls in order:
+                bracket()
                 tool = cls(tmp)
                 tool.start()
-                runs = {}
-                try:
-                    for workload, args in WORKLOADS.items():
-                        runs[workload] = demo_rate(args(seconds))
-                finally:
-                    extra = tool.stop()
-                for workload, (rate, accesses, wall_rate) in runs.items():
-                    results[workload][cls.name].append(rate)
-                    extras[workload][cls.name].append(dict(extra, accesses=accesses,
-                                                           wall_rate=wall_rate))
-                    log(f"  repeat {r + 1}/{repeats} {workload:9} {cls.name:36} "
-                        f"{rate:>9}/CPU-s {wall_rate:>9}/s")
+                t0 = time.monotonic()
+                time.sleep(seconds)
+                t1 = time.monotonic()
+                extra = tool.stop()
+                runs.append((r, cls.name, len(brackets) - 1, (t0, t1), extra))
+        bracket()
+        time.sleep(0.5)            # the pass that ends the last bracket
     finally:
-        bpf_stats_enabled(stats_were)
-        shutil.rmtree(tmp, ignore_errors=True)
-    overheads, wall = {}, {}
-    for workload, per_tool in results.items():
-        base = per_tool["untraced"]
-        overheads[workload] = {
-            name: stats([1 - rate / b for rate, b in zip(rates, base, strict=True)])
-            for name, rates in per_tool.items() if name != "untraced"}
-        wall_base = [e["wall_rate"] for e in extras[workload]["untraced"]]
-        wall[workload] = {
-            name: stats([1 - e["wall_rate"] / b
-                         for e, b in zip(extras[workload][name], wall_base, strict=True)])
-            for name in per_tool if name != "untraced"}
-    return results, overheads, extras, wall
-
-
-def noise(results):
-    """How much identical untraced runs differ: (max - min) / median."""
-    out = {}
-    for workload, per_tool in results.items():
-        base = per_tool["untraced"]
-        out[workload] = (max(base) - min(base)) / statistics.median(base)
+        demo.kill()
+        demo.wait()
+    out = []
+    for r, name, before, (t0, t1), extra in runs:
+        traced, wall_traced, accesses = passes.window(t0, t1)
+        base, wall_base = [], []
+        for b in (brackets[before], brackets[before + 1]):
+            rates, wall_rates, _ = passes.window(*b)
+            base += rates
+            wall_base += wall_rates
+        if not traced or not base:
+            raise RuntimeError(f"{workload}: no complete pass in a window of {name} "
+                               "(passes longer than the windows?)")
+        out.append((name, traced, base, wall_traced, wall_base,
+                    dict(extra, accesses=accesses)))
+        log(f"  repeat {r + 1}/{repeats} {workload:9} {name:36} "
+            f"{statistics.median(traced):>9.0f}/CPU-s vs {statistics.median(base):>9.0f} "
+            f"around it ({len(traced)} + {len(base)} passes)")
     return out
 
 
-def per_event_cost(seconds, log):
-    """Nanoseconds of BPF program time per guest access, from the kernel's
-    own accounting (kernel.bpf_stats_enabled, on only for this phase: the
-    accounting has a cost of its own).  All of a tool's programs count,
-    syscall tracepoints included."""
+def noise(overheads):
+    """The A/A spread: how far apart the "overheads" of attaching nothing
+    fell (max - min).  Differences between tools smaller than that are not
+    resolved by throughput."""
+    return {w: per["untraced"]["max"] - per["untraced"]["min"] for w, per in overheads.items()}
+
+
+def per_event_cost(passes, log):
+    """BPF program time per guest access, from the kernel's own accounting
+    (kernel.bpf_stats_enabled, on only for this phase: the accounting has a
+    cost of its own).  All of a tool's programs count, syscall tracepoints
+    included.  The accounting adds its own clock reads to each program run
+    (measured with a program that does nothing, in the same phase): "net"
+    takes that out, so tools that run more programs per access are not
+    charged for the accounting as well."""
     sys.path.insert(0, HERE)
     from prog_cost import bpf_stats_enabled, programs
     was = bpf_stats_enabled()
@@ -311,19 +395,29 @@ def per_event_cost(seconds, log):
     tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
     costs = {w: {} for w in WORKLOADS}
     try:
-        for workload, args in WORKLOADS.items():
-            for cls in BPF_TOOLS:
+        for workload in WORKLOADS:
+            per_run = None
+            for cls in [Empty] + BPF_TOOLS:
                 tool = cls(tmp)
                 tool.start()
                 try:
                     pid = tool.proc.pid
-                    before = sum(p[3] for p in programs(pid))
-                    _, accesses, _ = demo_rate(args(seconds))
-                    spent = sum(p[3] for p in programs(pid)) - before
+                    before = programs(pid)
+                    _, accesses, _ = demo_rate(workload, passes)
+                    after = programs(pid)
                 finally:
                     tool.stop()
-                costs[workload][cls.name] = spent / accesses
-                log(f"  cost {workload:9} {cls.name:36} {spent / accesses:7.0f} ns/access")
+                spent = sum(p[3] for p in after) - sum(p[3] for p in before)
+                runs = sum(p[2] for p in after) - sum(p[2] for p in before)
+                if cls is Empty:
+                    per_run = spent / max(runs, 1)
+                    log(f"  cost {workload:9} accounting alone: {per_run:.0f} ns per program run")
+                    continue
+                costs[workload][cls.name] = {
+                    "ns": spent / accesses, "runs": runs / accesses,
+                    "net_ns": (spent - runs * per_run) / accesses}
+                log(f"  cost {workload:9} {cls.name:36} {spent / accesses:7.0f} ns/access, "
+                    f"{runs / accesses:.2f} runs, net {costs[workload][cls.name]['net_ns']:.0f}")
     finally:
         bpf_stats_enabled(was)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -429,9 +523,15 @@ def verdicts(overheads, extras, attach, soaked):
                     f"{med(table, agg):.1%} < {med(table, bpft):.1%}"))
         out.append((f"aggregate below perf stat, {label}", med(table, agg) < med(table, pstat),
                     f"{med(table, agg):.1%} < {med(table, pstat):.1%}"))
-    lost = [e.get("lost", 0) + e.get("dropped", 0)
-            for w in extras.values() for e in w["ioregtrace stat (aggregate)"]]
-    out.append(("aggregate: 0 lost", sum(lost) == 0, f"{sum(lost)} lost"))
+    agg_runs = [e for w in extras.values() for e in w[agg]]
+    lost = sum(e.get("lost", 0) + e.get("dropped", 0) for e in agg_runs)
+    # Every access made while it was attached is counted: at least the
+    # ones of the passes inside its window.
+    short = max(e["accesses"] - e.get("counted", e["accesses"]) for e in agg_runs)
+    out.append(("aggregate: 0 lost", lost == 0 and short <= 0,
+                f"{lost} lost; every run counted at least the accesses of its window"
+                if short <= 0 else
+                f"{lost} lost; a run counted {short} fewer accesses than its window made"))
     ev_lost = [e.get("lost", 0) for w in extras.values() for e in w[ev]]
     ev_short = [e["accesses"] - e.get("events", 0) for w in extras.values() for e in w[ev]]
     out.append(("event mode: nothing lost at the demo's peak rate",
@@ -472,18 +572,21 @@ def main():
     t0 = time.monotonic()
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
     results, overheads, extras, wall = measure(repeats, seconds, log)
-    costs = per_event_cost(0.5 if args.quick else 1.0, log)
-    spread = noise(results)
+    costs = per_event_cost(3 if args.quick else 5, log)
+    spread = noise(overheads)
     attach = attach_time(log, runs=2 if args.quick else 3)
     soaked = soak(args.soak, log) if args.soak else None
     round_trip = None if args.quick or args.no_vm else vm_round_trip(log)
     checks = verdicts(overheads, extras, attach, soaked)
 
-    print("\nNoise: identical untraced runs differed by " + ", ".join(
-        f"{spread[w]:.0%} ({w})" for w in spread) + " (max - min over median); differences "
-        "between tools smaller than that are not resolved by throughput, see the BPF time.")
-    print(f"\nOverhead (1 - traced/untraced), {repeats} interleaved repeats: min / median / max"
-          "\n  per vCPU CPU-second (the verdicts' figure)  |  per wall-clock second")
+    print("\nNoise: attaching nothing measured as " + ", ".join(
+        f"{overheads[w]['untraced']['min']:+.1%} .. {overheads[w]['untraced']['max']:+.1%} "
+        f"({w})" for w in spread) + " of \"overhead\" (the untraced row below); differences "
+        "between tools smaller than that spread are not resolved by throughput, see the BPF "
+        "time.")
+    print(f"\nOverhead (1 - traced/untraced around it), {repeats} interleaved repeats: "
+          "min / median / max\n  per vCPU CPU-second (the verdicts' figure)  |  per wall-clock "
+          "second")
     for workload, per_tool in overheads.items():
         base = statistics.median(results[workload]["untraced"])
         print(f"\n  {workload} (untraced median {base:,.0f} accesses per vCPU CPU-second)")
@@ -491,13 +594,16 @@ def main():
             w = wall[workload][name]
             print(f"    {name:36} {s['min']:7.1%} {s['median']:7.1%} {s['max']:7.1%}  |"
                   f" {w['min']:7.1%} {w['median']:7.1%} {w['max']:7.1%}")
-    print("\nBPF time per guest access (kernel.bpf_stats_enabled), ns; and as a share of the "
-          "untraced vCPU CPU time per access (the overhead the BPF programs alone explain, "
-          "free of the machine's noise)")
+    print("\nBPF time per guest access (kernel.bpf_stats_enabled): ns, net of the "
+          "accounting's own cost, and as a share of the untraced vCPU CPU time per access "
+          "(the overhead the BPF programs alone explain, free of the machine's noise); "
+          "program runs per access")
     for workload, per_tool in costs.items():
         cpu_ns = 1e9 / statistics.median(results[workload]["untraced"])
-        print(f"  {workload}: " + ", ".join(f"{name} {ns:.0f} ({ns / cpu_ns:.1%})"
-                                            for name, ns in per_tool.items()))
+        print(f"  {workload}:")
+        for name, c in per_tool.items():
+            print(f"    {name:36} {c['ns']:6.0f} ns, net {c['net_ns']:5.0f} ns "
+                  f"({c['net_ns'] / cpu_ns:5.1%}), {c['runs']:.2f} runs")
     mem = [e for w in extras.values() for e in w["ioregtrace stat (aggregate)"]]
     print(f"\n  ioregtrace stat: peak RSS {max(e['peak_rss_kib'] for e in mem)} KiB, "
           f"BPF maps {max(e['bpf_map_kib'] for e in mem)} KiB")

@@ -210,6 +210,14 @@ struct thread_state {
 	struct access_key run_key;
 	u32 run_count;
 
+	/* Round trips not yet in the latencies map, batched like the counts:
+	 * a hash lookup and the atomics once per LATENCY_FLUSH of them. */
+	struct access_key lat_key;
+	u64 lat_sum;
+	u64 lat_max;
+	u32 lat_n;
+	u16 lat_slot[LATENCY_FLUSH];
+
 	u64 exit_ts;
 	struct access_key exit_key;
 	u64 await_addr;
@@ -545,26 +553,35 @@ static __always_inline u32 hist_slot(u64 ns)
 	return ((e - HIST_LOW_SHIFT + 1) << HIST_SUB_BITS) + sub;
 }
 
-static __always_inline void record_latency(struct thread_state *s, struct access_key *k, u64 ns)
+/* Put the thread's batched round trips into the latencies map. */
+static __always_inline void flush_latency(struct thread_state *s)
 {
-	send_latency(s, ns);
-	struct latency *l = latencies.lookup(k);
+	u32 n = s->lat_n;
+	if (!n)
+		return;
+	s->lat_n = 0;
+	struct latency *l = latencies.lookup(&s->lat_key);
 	if (!l) {       /* a new key: start from the zeroed template */
 		int zero_idx = 0;
 		struct latency *zero = latency_zero.lookup(&zero_idx);
 		if (zero)
-			latencies.insert(k, zero);
-		l = latencies.lookup(k);
+			latencies.insert(&s->lat_key, zero);
+		l = latencies.lookup(&s->lat_key);
 		if (!l) {
-			bump(CNT_DROPPED_LATENCY, 1);
+			bump(CNT_DROPPED_LATENCY, n);
 			return;
 		}
 	}
-	__sync_fetch_and_add(&l->sum_ns, ns);
-	u32 slot = hist_slot(ns);
-	__sync_fetch_and_add(&l->slots[slot & (HIST_ARRAY - 1)], 1);
+	__sync_fetch_and_add(&l->sum_ns, s->lat_sum);
+#pragma clang loop unroll(disable)
+	for (u32 i = 0; i < LATENCY_FLUSH; i++) {
+		if (i >= n)
+			break;
+		u32 slot = s->lat_slot[i];
+		__sync_fetch_and_add(&l->slots[slot & (HIST_ARRAY - 1)], 1);
+	}
 	/* Exact max under concurrent vCPUs: retry while someone else raised it. */
-	u64 old = l->max_ns;
+	u64 ns = s->lat_max, old = l->max_ns;
 #pragma unroll
 	for (int i = 0; i < 4 && old < ns; i++) {
 		u64 seen = __sync_val_compare_and_swap(&l->max_ns, old, ns);
@@ -572,6 +589,32 @@ static __always_inline void record_latency(struct thread_state *s, struct access
 			break;
 		old = seen;
 	}
+}
+
+/* Everything the thread holds back from the maps. */
+static __always_inline void flush_batches(struct thread_state *s)
+{
+	flush_run(s);
+	flush_latency(s);
+}
+
+static __always_inline void record_latency(struct thread_state *s, struct access_key *k, u64 ns)
+{
+	send_latency(s, ns);
+	u64 *held = (u64 *)&s->lat_key, *key = (u64 *)k;   /* 24 bytes, no padding */
+	if (s->lat_n && (held[0] != key[0] || held[1] != key[1] || held[2] != key[2]))
+		flush_latency(s);
+	if (!s->lat_n) {
+		s->lat_key = *k;
+		s->lat_sum = 0;
+		s->lat_max = 0;
+	}
+	s->lat_slot[s->lat_n & (LATENCY_FLUSH - 1)] = hist_slot(ns);
+	s->lat_sum += ns;
+	if (ns > s->lat_max)
+		s->lat_max = ns;
+	if (++s->lat_n >= LATENCY_FLUSH)
+		flush_latency(s);
 }
 
 static __always_inline u64 read_value(const void *ptr, u32 size)
@@ -978,7 +1021,7 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 	 * Any other return (HLT, a signal, a pause, an error) may be the last
 	 * for a while: make the maps complete. */
 	if (err != 0 || (reason != KVM_EXIT_MMIO && reason != KVM_EXIT_IO))
-		flush_run(s);
+		flush_batches(s);
 	return 0;
 }
 
@@ -1127,9 +1170,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	struct thread_state *s = thread();
 	if (!s)
 		return 0;
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
 	if (cmd == KVM_RUN) {
-		on_kvm_run(s, pid, args->fd);
+		on_kvm_run(s, s->pid, args->fd);
 		return 0;
 	}
 	if (!s->traced)
@@ -1344,7 +1386,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u32 tid = id, tgid = id >> 32;
 	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
 	if (s)
-		flush_run(s);
+		flush_batches(s);
 	if (tid != tgid) {
 		targets.delete(&tid);
 		return 0;

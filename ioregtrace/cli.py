@@ -330,8 +330,11 @@ def _parse_counts(values):
                    "unregister the coalesced zones, then run the mix again.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run the measured pass this many times (a long-running VM).")
+@click.option("--pass-log", type=click.Path(dir_okay=False, writable=True),
+              help="After each measured pass, append a line: CLOCK_MONOTONIC seconds, "
+                   "vCPU thread CPU seconds, accesses so far (make bench reads it).")
 @click.option("--list", "list_mix", is_flag=True, help="Print the mix and exit.")
-def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, list_mix):
+def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, pass_log, list_mix):
     """Run the built-in demo VM: a tiny VMM on /dev/kvm whose guest makes a
     known mix of device accesses over every dispatch path.
 
@@ -355,7 +358,7 @@ def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, list_mix):
         return
     try:
         run.run(scale=scale, counts=counts, delay_us=delay_us, wait_signal=wait_signal,
-                churn=churn, repeat=repeat, truth_path=truth)
+                churn=churn, repeat=repeat, truth_path=truth, pass_log=pass_log)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -22,6 +22,7 @@ BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 MAP_SIZES = {
     "MAX_ACCESS_KEYS": 1 << 20,
     "RUN_FLUSH": 64,              # accesses a vCPU batches before a map update
+    "LATENCY_FLUSH": 16,          # round trips likewise (a power of two)
     "MAX_LATENCY_KEYS": 2048,
     "MAX_VMS": 1024,
     "MAX_TARGETS": 8192,

@@ -54,7 +54,29 @@ def test_each_target_can_fail():
     assert not any(result.values()), result
 
 
+def test_aggregate_short_count_fails():
+    k = overheads(floor=0.05, ioregtrace_stat=0.06, ioregtrace_record=0.10, bpftrace=0.15,
+                  perf_stat=0.09, perf_record=0.33)
+    ex = extras()
+    ex["userspace"]["ioregtrace stat (aggregate)"][0]["counted"] = 99
+    result = {name: ok for name, ok, _ in bench.verdicts(
+        {"in-kernel": k, "userspace": k}, ex, {"median": 1.0}, None)}
+    assert result["aggregate: 0 lost"] is False
+
+
 def test_stats_and_noise():
     assert bench.stats([3, 1, 2]) == {"min": 1, "median": 2, "max": 3}
-    results = {w: {"untraced": [90, 100, 110]} for w in bench.WORKLOADS}
-    assert bench.noise(results) == {w: 0.2 for w in bench.WORKLOADS}
+    overheads = {w: {"untraced": bench.stats([-0.02, 0.01, 0.03])} for w in bench.WORKLOADS}
+    assert bench.noise(overheads) == {w: 0.05 for w in bench.WORKLOADS}
+
+
+def test_pass_log_windows(tmp_path):
+    log = tmp_path / "passes"
+    # time, cpu seconds, accesses so far
+    log.write_text("10.0 1.0 0\n10.2 1.1 1000\n10.4 1.3 2000\n10.6 1.35 3000\n10.8 1.4")
+    passes = bench.PassLog(str(log))
+    assert len(passes.passes()) == 3          # a torn last line is not a pass
+    rates, wall, n = passes.window(10.1, 10.7)
+    assert [round(r) for r in rates] == [5000, 20000] and n == 2000
+    assert [round(w) for w in wall] == [5000, 5000]
+    assert passes.window(10.0, 10.1) == ([], [], 0)

@@ -43,6 +43,7 @@ PIO_DOORBELL_DATAMATCH = 3
 CONTROL_SYNC = 1
 CONTROL_DONE = 2
 CONTROL_CHURN = 3           # deassign/unregister, then run the mix again
+CONTROL_PASS = 4            # end of one measured pass (--pass-log)
 
 
 @dataclass(frozen=True)

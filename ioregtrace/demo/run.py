@@ -24,7 +24,7 @@ def truth_document(vm, elapsed):
 
 
 def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False, repeat=1,
-        truth_path=None, log=None):
+        truth_path=None, pass_log=None, log=None):
     log = log or (lambda msg: print(f"ioregtrace demo: {msg}", file=sys.stderr, flush=True))
     sync = None
     if wait_signal:
@@ -37,12 +37,16 @@ def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False, r
             signal.sigwait({signal.SIGUSR1})
             log("measuring")
     mix = build_mix(scale, counts)
-    vm = DemoVM(mix, delay_s=delay_us / 1e6, sync=sync, churn=churn, repeat=repeat)
+    passes = open(pass_log, "a", buffering=1) if pass_log else None
+    vm = DemoVM(mix, delay_s=delay_us / 1e6, sync=sync, churn=churn, repeat=repeat,
+                pass_log=passes)
     try:
         vm.load_program()
         elapsed = vm.run_guest()
     finally:
         vm.close()
+        if passes:
+            passes.close()
     doc = truth_document(vm, elapsed)
     total = sum(r["count"] for r in doc["rows"])
     log(f"{total} accesses in {elapsed:.3f} s ({total / max(elapsed, 1e-9):.0f}/s), "

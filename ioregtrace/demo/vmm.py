@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..keys import AccessKey, Op, Path, Space
 from .guestcode import GuestCode
 from .mix import (CODE_ADDR, COALESCED_MMIO, COALESCED_MMIO_SIZE, CONTROL_CHURN,
-                  CONTROL_DONE, CONTROL_SYNC, DOORBELL_DATAMATCH, DOORBELL_DM_MMIO, DOORBELL_MMIO,
+                  CONTROL_DONE, CONTROL_PASS, CONTROL_SYNC, DOORBELL_DATAMATCH, DOORBELL_DM_MMIO, DOORBELL_MMIO,
                   FORWARD_MMIO, INS_BUF, IOREGION_MMIO, OUTS_BUF, PIO_COALESCED, PIO_CONTROL,
                   PIO_DOORBELL, PIO_DOORBELL_DATAMATCH, RAM_SIZE)
 
@@ -177,17 +177,22 @@ class Truth:
 
 
 class DemoVM:
-    def __init__(self, mix, delay_s=0.001, sync=None, churn=False, repeat=1):
+    def __init__(self, mix, delay_s=0.001, sync=None, churn=False, repeat=1, pass_log=None):
         """sync: None, or a callable run when the guest reaches the end of
         its warm-up pass (the demo's attach point); the truth is reset there
         so it covers only the measured pass.
         churn: after the measured pass, deassign the datamatch ioeventfd and
         unregister the coalesced zones, then run the mix a second time (its
-        writes there now exit to userspace)."""
+        writes there now exit to userspace).
+        pass_log: None, or a text file that gets a line at the end of every
+        measured pass: the time, the vCPU thread's CPU time, and the
+        accesses made so far (the benchmark's time series)."""
         self.mix = mix
         self.sync = sync
         self.churn = churn
         self.repeat = repeat
+        self.pass_log = pass_log
+        self.passes_done = self.pass_accesses = 0
         self.truth = Truth(os.getpid())
         self.eventfds = {}        # (space, addr, size) -> eventfd for that doorbell
         self.kernel_program = collections.Counter()
@@ -312,9 +317,12 @@ class DemoVM:
                 if block.count:
                     code.loop(block.count, lambda b=block: [self._emit_access(code, a)
                                                             for a in b.body])
+            if record and self.pass_log is not None:
+                self._control(code, CONTROL_PASS)
         code.loop(repeat, one_pass, reg=5)
         if not record:
             return
+        self.pass_accesses = 1 + sum(block.count * a.rep for block in blocks for a in block.body)
         for block in blocks:
             for a in block.body:
                 if a.expect == Path.KERNEL:
@@ -447,6 +455,8 @@ class DemoVM:
                         cpu_started = time.thread_time()
                     elif control == CONTROL_CHURN:
                         self._churn_registrations()
+                    elif control == CONTROL_PASS:
+                        self._log_pass()
                     continue
                 pending = (key, t_exit)
             else:
@@ -466,6 +476,13 @@ class DemoVM:
             for (addr, size, op), count in self.ioregion_device.take_counts().items():
                 self.truth.add(Space.MMIO, addr, size, op, Path.IOREGIONFD, count)
         return elapsed
+
+    def _log_pass(self):
+        """Accesses so far: every pass makes the same ones (the mix is
+        deterministic), its control write included."""
+        self.passes_done += 1
+        made = self.passes_done * self.pass_accesses
+        self.pass_log.write(f"{time.monotonic():.6f} {time.thread_time():.6f} {made}\n")
 
     def _read_eventfds(self):
         counts = {}

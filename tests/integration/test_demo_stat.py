@@ -90,3 +90,16 @@ def test_rows_name_the_demo_process(demo_run):
     assert regions[0x10002000] == "ioeventfd@0x10002000"
     assert regions[0x10003000] == "coalesced@0x10003000"
     assert regions[0x10000000] == "mmio@0x10000000"
+
+
+def test_pass_log_has_a_line_per_measured_pass(tmp_path):
+    """make bench reads the demo's time series: a line per measured pass,
+    with the accesses so far (each pass's control write included)."""
+    log = tmp_path / "passes"
+    res = run_cli("demo", "--scale", "0", "--set", "inline-read=10", "--set", "pio-in=5",
+                  "--repeat", "3", "--pass-log", str(log))
+    assert res.returncode == 0, res.stderr
+    lines = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
+    assert [n for _, _, n in lines] == [16, 32, 48]
+    assert lines[0][0] < lines[1][0] < lines[2][0]
+    assert lines[0][1] <= lines[1][1] <= lines[2][1]
