@@ -2,12 +2,13 @@
 """`make bench`: what tracing costs, measured on one workload in one run.
 
 For each workload (in-kernel ioeventfd doorbells; userspace exits handled
-inline by the demo VMM) and each tool, the tool is started and confirmed
-attached before the demo VM runs; the demo reports its own access rate for
-its measured pass.  Tools run in a shuffled order in every repeat, and each
-overhead, 1 - rate/rate_untraced, uses the untraced run of the same repeat:
-the figures are ratios from interleaved repeats (min/median/max), never a
-single absolute time.
+inline by the demo VMM) one demo VM runs without a break, logging each
+~0.2 s pass of its mix (--pass-log).  Each tool, in a shuffled order in
+every repeat, is attached to it for a window; its overhead is
+1 - rate/rate_untraced, from the passes inside its window against the
+untraced windows just before and after it.  An "untraced" tool that
+attaches nothing gives the method's own noise.  Figures are ratios from
+interleaved repeats (min/median/max), never a single absolute time.
 
     bench/run.py [--quick] [--repeats N] [--soak MINUTES] [--json FILE]
 """
@@ -281,17 +282,15 @@ def stats(values):
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-BRACKET_S = 1.0         # the untraced window before each tool's
-
-
-def measure(repeats, seconds, log):
+def measure(repeats, seconds, bracket_s, log):
     """Every tool, `repeats` times in a new shuffled order each time,
     attached for `seconds` to a demo VM that runs its workload without a
     break.  A tool run's reference is the untraced windows just before and
     after it: this machine's speed drifts by tens of percent over tens of
     seconds, and a reference taken far away in time carries that drift.
     The "untraced" tool attaches nothing: its overhead is the method's own
-    noise (an A/A comparison)."""
+    noise (an A/A comparison).  `bracket_s`: the untraced window before
+    each tool's."""
     sys.path.insert(0, HERE)
     from prog_cost import bpf_stats_enabled
     stats_were = bpf_stats_enabled()
@@ -303,7 +302,7 @@ def measure(repeats, seconds, log):
     tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
     try:
         for workload in WORKLOADS:
-            runs = _measure_workload(workload, repeats, seconds, tmp, log)
+            runs = _measure_workload(workload, repeats, seconds, bracket_s, tmp, log)
             for name, traced, base, wall_traced, wall_base, extra in runs:
                 results[workload][name].append(statistics.median(traced))
                 overheads[workload][name].append(
@@ -319,7 +318,7 @@ def measure(repeats, seconds, log):
     return results, summary(overheads), extras, summary(wall)
 
 
-def _measure_workload(workload, repeats, seconds, tmp, log):
+def _measure_workload(workload, repeats, seconds, bracket_s, tmp, log):
     """[(tool, traced rates, reference rates, the same per wall second,
     extras)] of every tool run on one continuously running demo VM."""
     passes = PassLog(os.path.join(tmp, f"passes-{workload}"))
@@ -329,7 +328,7 @@ def _measure_workload(workload, repeats, seconds, tmp, log):
 
     def bracket():
         b0 = time.monotonic()
-        time.sleep(BRACKET_S)
+        time.sleep(bracket_s)
         brackets.append((b0, time.monotonic()))
     try:
         deadline = time.monotonic() + 60
@@ -555,7 +554,7 @@ def verdicts(overheads, extras, attach, soaked):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer, shorter runs")
-    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 4, quick 2)")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats (default 4, quick 1)")
     ap.add_argument("--soak", type=float, metavar="MINUTES", help="also run the soak")
     ap.add_argument("--json", metavar="FILE", help="write every figure here")
     ap.add_argument("--no-vm", action="store_true",
@@ -566,13 +565,14 @@ def main():
     for needed in ("bpftrace", "perf"):
         if shutil.which(needed) is None:
             sys.exit(f"bench: {needed} is not installed (make setup installs it)")
-    repeats = args.repeats or (2 if args.quick else 4)
-    seconds = 1.0 if args.quick else 2.5
+    repeats = args.repeats or (1 if args.quick else 4)
+    # --quick: windows of ~4 passes, brackets of ~2 (its figures are noisier)
+    seconds, bracket_s = (0.8, 0.5) if args.quick else (2.5, 1.0)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     t0 = time.monotonic()
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
-    results, overheads, extras, wall = measure(repeats, seconds, log)
-    costs = per_event_cost(3 if args.quick else 5, log)
+    results, overheads, extras, wall = measure(repeats, seconds, bracket_s, log)
+    costs = per_event_cost(2 if args.quick else 5, log)
     spread = noise(overheads)
     attach = attach_time(log, runs=2 if args.quick else 3)
     soaked = soak(args.soak, log) if args.soak else None
