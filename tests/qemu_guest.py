@@ -74,6 +74,10 @@ def bar_move_guest(keep_running=False):
     _writes(code, ADDR_X + TESTDEV_EVENTFD, 1, TESTDEV_DATAMATCH, PHASE2_EDU_WRITES)
     _reads(code, ADDR_Y + 4, 1, PHASE2_TESTDEV_READS)
     if keep_running:
+        # Say so on the debug port (running_args: a file), then read on.
+        code.mov_imm(2, DEBUGCON_PORT)
+        code.mov_imm(0, ord(RUNNING_MARK))
+        code.out(1)
         code.loop(0xFFFFFFFF, lambda: _reads(code, ADDR_Y + 4, 1, 1000), reg=5)
     # ACPI power off: SLP_EN in PM1a_CNT (PIIX4 PM at 0x600 after SeaBIOS).
     code.mov_imm(2, 0x604)
@@ -90,6 +94,16 @@ def bar_move_guest(keep_running=False):
 def bar_move_args(kernel_path):
     return QEMU_MACHINE + ["-device", "pci-testdev,addr=04.0", "-device", "edu,addr=05.0",
                            "-kernel", str(kernel_path)]
+
+
+DEBUGCON_PORT = 0xE9         # isa-debugcon's default
+RUNNING_MARK = "R"
+
+
+def running_args(kernel_path, marker_path):
+    """bar_move_args for bar_move_guest(keep_running=True): the guest
+    writes RUNNING_MARK to marker_path when it starts its endless reads."""
+    return bar_move_args(kernel_path) + ["-debugcon", f"file:{marker_path}"]
 
 
 def seabios_args(images_dir):

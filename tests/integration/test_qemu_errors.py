@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import threading
 
 import pytest
@@ -38,9 +39,15 @@ def test_qemu_that_exits_before_qmp_answers(tracing_host, tmp_path):
 def running_qemu(tracing_host, tmp_path):
     """A QEMU running the BAR-move guest, still making accesses when a
     tracer attaches to it."""
-    kernel = tmp_path / "guest.bin"
+    kernel, marker = tmp_path / "guest.bin", tmp_path / "running"
     kernel.write_bytes(g.bar_move_guest(keep_running=True))
-    vm = subprocess.Popen([QEMU, *g.bar_move_args(kernel)], stderr=subprocess.DEVNULL)
+    vm = subprocess.Popen([QEMU, *g.running_args(kernel, marker)], stderr=subprocess.DEVNULL)
+    # A loaded machine can take seconds to get QEMU to the guest's loop, and
+    # a tracer attached for 2 s before that sees nothing.
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and g.RUNNING_MARK in marker.read_text()):
+        assert vm.poll() is None and time.monotonic() < deadline, "the guest never ran"
+        time.sleep(0.05)
     yield vm
     vm.kill()
     vm.wait()
