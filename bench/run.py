@@ -423,6 +423,47 @@ def per_event_cost(passes, log):
     return costs
 
 
+# ns per syscall of a tight loop, best of 5: what a tracer adds to the
+# syscalls it hooks (the syscall tracepoints' own path, which the BPF
+# accounting does not see) and to every other syscall on the host.
+SYSCALL_LOOP = r"""
+import fcntl, os, time
+KVM_CHECK_EXTENSION, N = 0xAE03, 100_000
+fd = os.open("/dev/kvm", os.O_RDWR)
+def best(call):
+    out = []
+    for _ in range(5):
+        t = time.thread_time_ns()
+        for _ in range(N):
+            call()
+        out.append((time.thread_time_ns() - t) / N)
+    return min(out)
+print(best(lambda: fcntl.ioctl(fd, KVM_CHECK_EXTENSION, 0)), best(os.getppid))
+"""
+
+
+def syscall_cost(log):
+    """{tool: (ns per ioctl, ns per getppid)} with each tool attached: the
+    untraced figures, then what each adds."""
+    tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
+    out = {}
+    try:
+        for cls in [Untraced] + BPF_TOOLS:
+            tool = cls(tmp)
+            tool.start()
+            try:
+                res = subprocess.run(["taskset", "-c", DEMO_CPU, sys.executable, "-c",
+                                      SYSCALL_LOOP], capture_output=True, text=True, check=True)
+            finally:
+                tool.stop()
+            out[cls.name] = tuple(float(x) for x in res.stdout.split())
+            log(f"  syscalls {cls.name:36} {out[cls.name][0]:6.0f} ns/ioctl "
+                f"{out[cls.name][1]:6.0f} ns/getppid")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def attach_time(log, runs=3):
     """From starting `ioregtrace stat -p PID` to its probes attached."""
     demo = subprocess.Popen([IOREGTRACE, "demo", "--scale", "0", "--set", "doorbell=100000",
@@ -573,6 +614,7 @@ def main():
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
     results, overheads, extras, wall = measure(repeats, seconds, bracket_s, log)
     costs = per_event_cost(2 if args.quick else 5, log)
+    syscalls = syscall_cost(log)
     spread = noise(overheads)
     attach = attach_time(log, runs=2 if args.quick else 3)
     soaked = soak(args.soak, log) if args.soak else None
@@ -604,6 +646,15 @@ def main():
         for name, c in per_tool.items():
             print(f"    {name:36} {c['ns']:6.0f} ns, net {c['net_ns']:5.0f} ns "
                   f"({c['net_ns'] / cpu_ns:5.1%}), {c['runs']:.2f} runs")
+    base = syscalls["untraced"]
+    print(f"\nWhat each tool adds per syscall (a loop of KVM_CHECK_EXTENSION ioctls, and "
+          f"of getppid, best of 5; untraced {base[0]:.0f} and {base[1]:.0f} ns): the "
+          "syscall tracepoints' own path, which BPF time does not show, is paid on every "
+          "KVM_RUN")
+    for name, (ioctl_ns, other_ns) in syscalls.items():
+        if name != "untraced":
+            print(f"    {name:36} ioctl {ioctl_ns - base[0]:+5.0f} ns, "
+                  f"other syscalls {other_ns - base[1]:+5.0f} ns")
     mem = [e for w in extras.values() for e in w["ioregtrace stat (aggregate)"]]
     print(f"\n  ioregtrace stat: peak RSS {max(e['peak_rss_kib'] for e in mem)} KiB, "
           f"BPF maps {max(e['bpf_map_kib'] for e in mem)} KiB")
@@ -625,6 +676,7 @@ def main():
                        "noise": spread,
                        "extras": extras,
                        "bpf_ns_per_access": costs,
+                       "syscall_ns": syscalls,
                        "attach": attach, "soak": soaked, "vm_round_trip": round_trip,
                        "checks": [{"name": n, "pass": ok, "figure": fig}
                                   for n, ok, fig in checks]}, f, indent=1)

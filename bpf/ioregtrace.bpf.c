@@ -198,6 +198,7 @@ struct thread_state {
 	u8 await_mmio_read;     /* next kvm_mmio READ at await_addr is a completion */
 	u8 await_pio_in;        /* next kvm_pio IN: the userspace IN that exited */
 	u8 skip_pio_in;         /* next kvm_pio IN completes an IN already counted */
+	u8 vcpu_created;        /* KVM_CREATE_VCPU: its kvm_run mmap comes next */
 	u8 mmap_vcpu;           /* an mmap of a vCPU fd is between enter and exit */
 	u32 mmap_fd;
 	u32 pend_count;
@@ -234,8 +235,7 @@ struct thread_state {
 	u8 cache_path;
 	u8 cache_by_value;      /* the answer depends on the written value */
 
-	/* a registration ioctl between sys_enter and sys_exit */
-	u32 ioctl_cmd;
+	/* the argument of the last registration ioctl */
 	union {
 		struct ioctl_ioeventfd ioeventfd;
 		struct ioctl_zone zone;
@@ -305,7 +305,7 @@ BPF_ARRAY(config, u64, 8);
 #define MODE_SETTING_UP 0
 #define MODE_ALL 1              /* every KVM VM on the host */
 #define MODE_TARGETS 2          /* only the tgids in `targets` */
-#define CFG_IOCTLS_IN_FLIGHT 6  /* registration ioctls between sys_enter and sys_exit */
+#define CFG_VCPU_MMAP_SIZE 6    /* KVM_GET_VCPU_MMAP_SIZE (0: unknown, any size) */
 
 static __always_inline void bump(int idx, u64 n)
 {
@@ -1157,6 +1157,14 @@ static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
 	bump_reg_gen();
 }
 
+/* Registrations are applied as they are made, from the ioctl's argument:
+ * its result is not read.  Reading it takes a sys_exit_ioctl program, and
+ * with one attached every ioctl on the host (every KVM_RUN among them) pays
+ * the syscall tracepoint's exit path, ~200 ns here.  A registration KVM
+ * refuses (a VMM bug, or a full bus) is still counted as made; see the
+ * README's Limits.  The ioctl numbers are KVM's (type 0xAE); another driver
+ * answering them would have to accept the same argument layout, which none
+ * does. */
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
 	u32 cmd = args->cmd;
@@ -1176,45 +1184,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	}
 	if (!s->traced)
 		return 0;
-	s->ioctl_cmd = cmd;
-	int idx = CFG_IOCTLS_IN_FLIGHT;
-	u64 *flying = config.lookup(&idx);
-	if (flying)
-		__sync_fetch_and_add(flying, 1);
-	if (cmd == KVM_IOEVENTFD)
-		bpf_probe_read_user(&s->ioctl_arg.ioeventfd, sizeof(s->ioctl_arg.ioeventfd),
-				    (void *)args->arg);
-#ifdef HAVE_KVM_IOREGION
-	else if (cmd == KVM_SET_IOREGION)
-		bpf_probe_read_user(&s->ioctl_arg.ioregion, sizeof(s->ioctl_arg.ioregion),
-				    (void *)args->arg);
-#endif
-	else if (cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU)
-		bpf_probe_read_user(&s->ioctl_arg.zone, sizeof(s->ioctl_arg.zone),
-				    (void *)args->arg);
-	return 0;
-}
-
-/* Registrations take effect only if the ioctl succeeded.  The ioctl numbers
- * are KVM's (type 0xAE); another driver answering them would have to accept
- * the same argument layout, which none does. */
-TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
-{
-	/* Every ioctl on the host returns through here: leave at once unless
-	 * a registration ioctl is in flight somewhere. */
-	int idx = CFG_IOCTLS_IN_FLIGHT;
-	u64 *flying = config.lookup(&idx);
-	if (!flying || !*flying)
-		return 0;
-	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-	if (!s || !s->ioctl_cmd)
-		return 0;
-	u32 cmd = s->ioctl_cmd;
-	s->ioctl_cmd = 0;
-	__sync_fetch_and_add(flying, -1);
-	if (args->ret < 0)
-		return 0;
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 pid = s->pid;
 	if (cmd == KVM_CREATE_VM) {
 		struct vm_info *vi = vm_of(pid);
 		if (vi)
@@ -1222,20 +1192,23 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 		bump_state_gen();
 		refresh(s, pid);
 	} else if (cmd == KVM_CREATE_VCPU) {
-		struct fd_key fk = {.pid = pid, .fd = args->ret};
-		u64 unmapped = 0;
-		vcpu_runs.update(&fk, &unmapped);
+		s->vcpu_created = 1;
 	} else if (cmd == KVM_IOEVENTFD) {
+		bpf_probe_read_user(&s->ioctl_arg.ioeventfd, sizeof(s->ioctl_arg.ioeventfd),
+				    (void *)args->arg);
 		apply_ioeventfd(s, pid);
 #ifdef HAVE_KVM_IOREGION
 	} else if (cmd == KVM_SET_IOREGION) {
 		struct ioctl_ioregion *a = &s->ioctl_arg.ioregion;
+		bpf_probe_read_user(a, sizeof(*a), (void *)args->arg);
 		if (!(a->flags & KVM_IOREGION_DEASSIGN))
 			remember(pid, s->vm, REG_IOREGION,
 				 (a->flags & KVM_IOREGION_PIO) ? SPACE_PIO : SPACE_MMIO,
 				 a->guest_paddr, a->memory_size);
 #endif
 	} else {
+		bpf_probe_read_user(&s->ioctl_arg.zone, sizeof(s->ioctl_arg.zone),
+				    (void *)args->arg);
 		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO);
 	}
 	return 0;
@@ -1335,16 +1308,25 @@ int qemu_flatview_section(void *ctx)
 #endif /* WITH_QEMU_MIRROR */
 
 /* Where a vCPU's struct kvm_run is mapped: mmap(vcpu_fd, offset 0). */
+/* A vCPU's kvm_run: VMMs map it right after creating the vCPU, on the same
+ * thread (QEMU's kvm_init_vcpu, rust-vmm's create_vcpu, the demo), so the
+ * next mmap of an fd at offset 0 with the vCPU mmap size is that.  A later
+ * mmap of a known vCPU fd is followed too. */
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
 	if (args->off != 0 || (long)args->fd < 0)
 		return 0;
-	struct fd_key fk = {.pid = bpf_get_current_pid_tgid() >> 32, .fd = args->fd};
-	if (!vcpu_runs.lookup(&fk))
-		return 0;
-	struct thread_state *s = thread();
+	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
 	if (!s)
 		return 0;
+	u64 size = cfg(CFG_VCPU_MMAP_SIZE);
+	if (s->vcpu_created && (!size || args->len == size)) {
+		s->vcpu_created = 0;
+	} else {
+		struct fd_key fk = {.pid = s->pid, .fd = args->fd};
+		if (!vcpu_runs.lookup(&fk))
+			return 0;
+	}
 	s->mmap_vcpu = 1;
 	s->mmap_fd = args->fd;
 	return 0;
@@ -1358,7 +1340,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 	s->mmap_vcpu = 0;
 	if (args->ret < 0 && args->ret > -4096)
 		return 0;
-	struct fd_key fk = {.pid = bpf_get_current_pid_tgid() >> 32, .fd = s->mmap_fd};
+	struct fd_key fk = {.pid = s->pid, .fd = s->mmap_fd};
 	u64 addr = args->ret;
 	vcpu_runs.update(&fk, &addr);
 	return 0;

@@ -4,6 +4,7 @@ about rows or views."""
 
 import collections
 import ctypes
+import fcntl
 import os
 import struct
 import threading
@@ -43,6 +44,7 @@ COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambigu
 
 CFG_MODE, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET, CFG_EVENTS_LEFT = 0, 1, 2, 3, 4
 CFG_STATE_GEN = 5
+CFG_VCPU_MMAP_SIZE = 6
 MODE_ALL, MODE_TARGETS = 1, 2       # 0: setting up, nothing traced
 RAW_ACCESS, RAW_LATENCY = 0, 1
 # struct raw_event: ts, tid, pid, vm, layout, addr, count, space, op, path,
@@ -177,6 +179,7 @@ class Tracer:
         self.filtering = pids is not None
         config = self.bpf["config"]
         config[ctypes.c_int(CFG_REG_GEN)] = ctypes.c_uint64(1)
+        config[ctypes.c_int(CFG_VCPU_MMAP_SIZE)] = ctypes.c_uint64(vcpu_mmap_size())
         self.events = None
         if events:
             self.events = Events(requested=events)
@@ -290,7 +293,7 @@ class Tracer:
 
     def attached_probes(self):
         probes = ["kvm:kvm_mmio", "kvm:kvm_pio", "kvm:kvm_userspace_exit",
-                  "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
+                  "syscalls:sys_enter_ioctl",
                   "syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap",
                   "sched:sched_process_fork", "sched:sched_process_exit"]
         if self.have_fast_mmio:
@@ -332,6 +335,21 @@ class Tracer:
 
     def close(self):
         self.bpf.cleanup()
+
+
+def vcpu_mmap_size():
+    """The size VMMs map a vCPU fd with (0 if /dev/kvm will not say): the
+    BPF side knows a vCPU's kvm_run mapping by it."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return max(fcntl.ioctl(fd, kvmapi.KVM_GET_VCPU_MMAP_SIZE, 0), 0)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def running_pids():

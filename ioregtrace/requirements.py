@@ -22,7 +22,6 @@ TRACEPOINTS = (
     ("kvm", "kvm_ioregion_send", False),  # ioregionfd: kernels with kernel/patches
     ("kvm", "kvm_ioregion_response", False),
     ("syscalls", "sys_enter_ioctl", True),
-    ("syscalls", "sys_exit_ioctl", True),
     ("syscalls", "sys_enter_mmap", True),
     ("syscalls", "sys_exit_mmap", True),
     ("sched", "sched_process_fork", True),

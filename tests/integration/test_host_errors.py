@@ -58,6 +58,6 @@ def test_doctor_reports_every_requirement(tracing_host):
     assert res.returncode == 0, res.stdout
     for name in ("privileges", "debugfs", "tracefs", "tracepoint kvm:kvm_mmio",
                  "tracepoint kvm:kvm_pio", "tracepoint kvm:kvm_userspace_exit",
-                 "tracepoint syscalls:sys_enter_ioctl", "tracepoint syscalls:sys_exit_ioctl",
+                 "tracepoint syscalls:sys_enter_ioctl", "tracepoint syscalls:sys_enter_mmap",
                  "BCC python module", "kernel headers for BCC", "/dev/kvm"):
         assert name in res.stdout

@@ -44,13 +44,15 @@ def running_qemu(tracing_host, tmp_path):
     vm = subprocess.Popen([QEMU, *g.running_args(kernel, marker)], stderr=subprocess.DEVNULL)
     # A loaded machine can take seconds to get QEMU to the guest's loop, and
     # a tracer attached for 2 s before that sees nothing.
-    deadline = time.monotonic() + 60
-    while not (marker.exists() and g.RUNNING_MARK in marker.read_text()):
-        assert vm.poll() is None and time.monotonic() < deadline, "the guest never ran"
-        time.sleep(0.05)
-    yield vm
-    vm.kill()
-    vm.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and g.RUNNING_MARK in marker.read_text()):
+            assert vm.poll() is None and time.monotonic() < deadline, "the guest never ran"
+            time.sleep(0.05)
+        yield vm
+    finally:
+        vm.kill()
+        vm.wait()
 
 
 def test_qmp_socket_that_refuses(running_qemu, tmp_path):
