@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Per-event cost of the BPF programs a process holds, from the kernel's
 own accounting (kernel.bpf_stats_enabled: run_time_ns / run_cnt in each
-program fd's fdinfo).  Unlike throughput, this does not move with the
-noise of a shared machine.
+program fd's fdinfo).  It moves far less than throughput with the noise of
+a shared machine.
 
     bench/prog_cost.py PID     -> one line per program that ran
 """

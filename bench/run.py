@@ -631,7 +631,7 @@ def main():
                   f" {w['min']:7.1%} {w['median']:7.1%} {w['max']:7.1%}")
     print("\nBPF time per guest access (kernel.bpf_stats_enabled): ns, net of the "
           "accounting's own cost, and as a share of the untraced vCPU CPU time per access "
-          "(the overhead the BPF programs alone explain, free of the machine's noise); "
+          "(the overhead the BPF programs alone explain; far less noisy than throughput); "
           "program runs per access")
     for workload, per_tool in costs.items():
         cpu_ns = 1e9 / statistics.median(results[workload]["untraced"])
