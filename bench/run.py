@@ -14,6 +14,7 @@ interleaved repeats (min/median/max), never a single absolute time.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -50,9 +51,10 @@ WORKLOADS = {
 DEMO_CPU, TOOL_CPU = "1", "0"
 
 
-def demo_argv(workload, passes, pass_log):
+def demo_argv(workload, passes, pass_log=None):
     return ["taskset", "-c", DEMO_CPU, IOREGTRACE, "demo", "--scale", "0",
-            *WORKLOADS[workload], "--repeat", str(passes), "--pass-log", pass_log]
+            *WORKLOADS[workload], "--repeat", str(passes),
+            *(["--pass-log", pass_log] if pass_log else [])]
 
 
 def demo_rate(workload, passes):
@@ -63,9 +65,7 @@ def demo_rate(workload, passes):
     the neighbours' load.  The vCPU thread's CPU time (guest, KVM, VMM and
     every BPF program that runs on it; steal excluded) is the figure the
     verdicts use."""
-    with tempfile.NamedTemporaryFile(prefix="ioregtrace-bench-passes-") as log:
-        res = subprocess.run(demo_argv(workload, passes, log.name), capture_output=True,
-                             text=True)
+    res = subprocess.run(demo_argv(workload, passes), capture_output=True, text=True)
     m = re.search(r"(\d+) accesses in [\d.]+ s \((\d+)/s\).*\((\d+)/CPU-s\)", res.stderr)
     if res.returncode != 0 or not m:
         raise RuntimeError(f"demo failed: {res.stderr.strip()[-300:]}")
@@ -278,6 +278,17 @@ def bpf_map_kib(pid):
     return total // 1024
 
 
+@contextlib.contextmanager
+def attached(cls, tmp):
+    """Tool `cls` started (and confirmed attached) for the block."""
+    tool = cls(tmp)
+    tool.start()
+    try:
+        yield tool
+    finally:
+        tool.stop()
+
+
 def stats(values):
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
@@ -400,15 +411,10 @@ def per_event_cost(passes, log, repeats=2):
             for workload in WORKLOADS:
                 per_run = None
                 for cls in [Empty] + BPF_TOOLS:
-                    tool = cls(tmp)
-                    tool.start()
-                    try:
-                        pid = tool.proc.pid
-                        before = programs(pid)
+                    with attached(cls, tmp) as tool:
+                        before = programs(tool.proc.pid)
                         _, accesses, _ = demo_rate(workload, passes)
-                        after = programs(pid)
-                    finally:
-                        tool.stop()
+                        after = programs(tool.proc.pid)
                     spent = sum(p[3] for p in after) - sum(p[3] for p in before)
                     runs = sum(p[2] for p in after) - sum(p[2] for p in before)
                     if cls is Empty:
@@ -435,20 +441,16 @@ def syscall_cost(log, repeats=2):
     tracepoints' own path, which the BPF accounting does not see) and to
     every other syscall on the host."""
     tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
-    loop = os.path.join(tmp, "syscall_loop")
-    subprocess.run(["gcc", "-O2", "-o", loop, os.path.join(HERE, "syscall_loop.c")],
-                   check=True)
     out = {}
     try:
+        loop = os.path.join(tmp, "syscall_loop")
+        subprocess.run(["gcc", "-O2", "-o", loop, os.path.join(HERE, "syscall_loop.c")],
+                       check=True)
         for _ in range(repeats):
             for cls in [Untraced] + BPF_TOOLS:
-                tool = cls(tmp)
-                tool.start()
-                try:
+                with attached(cls, tmp):
                     res = subprocess.run(["taskset", "-c", DEMO_CPU, loop], capture_output=True,
                                          text=True, check=True)
-                finally:
-                    tool.stop()
                 got = tuple(float(x) for x in res.stdout.split())
                 out[cls.name] = tuple(map(min, zip(out.get(cls.name, got), got, strict=True)))
                 log(f"  syscalls {cls.name:36} {got[0]:6.0f} ns/ioctl {got[1]:6.0f} ns/getppid")

@@ -234,13 +234,6 @@ struct thread_state {
 	u8 cache_size;
 	u8 cache_path;
 	u8 cache_by_value;      /* the answer depends on the written value */
-
-	/* the argument of the last registration ioctl */
-	union {
-		struct ioctl_ioeventfd ioeventfd;
-		struct ioctl_zone zone;
-		struct ioctl_ioregion ioregion;
-	} ioctl_arg;
 };
 
 #define EXIT_NONE 0
@@ -513,11 +506,17 @@ static __always_inline void flush_run(struct thread_state *s)
 	}
 }
 
+/* struct access_key is 24 bytes with no padding: three words to compare. */
+static __always_inline int same_key(struct access_key *a, struct access_key *b)
+{
+	u64 *x = (u64 *)a, *y = (u64 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
 static __always_inline void count_access(struct thread_state *s, struct access_key *k, u64 n)
 {
 	send_access(s, k, n);
-	u64 *run = (u64 *)&s->run_key, *key = (u64 *)k;   /* 24 bytes, no padding */
-	if (s->run_count && run[0] == key[0] && run[1] == key[1] && run[2] == key[2]) {
+	if (s->run_count && same_key(&s->run_key, k)) {
 		s->run_count += n;
 		if (s->run_count >= RUN_FLUSH)
 			flush_run(s);
@@ -601,8 +600,7 @@ static __always_inline void flush_batches(struct thread_state *s)
 static __always_inline void record_latency(struct thread_state *s, struct access_key *k, u64 ns)
 {
 	send_latency(s, ns);
-	u64 *held = (u64 *)&s->lat_key, *key = (u64 *)k;   /* 24 bytes, no padding */
-	if (s->lat_n && (held[0] != key[0] || held[1] != key[1] || held[2] != key[2]))
+	if (s->lat_n && !same_key(&s->lat_key, k))
 		flush_latency(s);
 	if (!s->lat_n) {
 		s->lat_key = *k;
@@ -1065,9 +1063,9 @@ static __always_inline void remember(u32 pid, u32 vm, u8 kind, u8 space, u64 add
 	reg_history.update(&r, &one);
 }
 
-static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
+static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid,
+					    struct ioctl_ioeventfd *a)
 {
-	struct ioctl_ioeventfd *a = &s->ioctl_arg.ioeventfd;
 	struct reg_key rk = {.pid = pid, .vm = s->vm, .addr = a->addr,
 			     .space = (a->flags & KVM_IOEVENTFD_FLAG_PIO) ? SPACE_PIO : SPACE_MMIO};
 	u8 wildcard = !(a->flags & KVM_IOEVENTFD_FLAG_DATAMATCH);
@@ -1116,9 +1114,9 @@ static __always_inline void apply_ioeventfd(struct thread_state *s, u32 pid)
 	bump(CNT_DROPPED_REGISTRATIONS, 1);
 }
 
-static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add)
+static __always_inline void apply_zone(struct thread_state *s, u32 pid, int add,
+				       struct ioctl_zone *a)
 {
-	struct ioctl_zone *a = &s->ioctl_arg.zone;
 	struct vm_key vk = {.pid = pid, .vm = s->vm};
 	int zero_idx = 0;
 	struct zone_set *empty = zone_zero.lookup(&zero_idx);
@@ -1194,22 +1192,22 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	} else if (cmd == KVM_CREATE_VCPU) {
 		s->vcpu_created = 1;
 	} else if (cmd == KVM_IOEVENTFD) {
-		bpf_probe_read_user(&s->ioctl_arg.ioeventfd, sizeof(s->ioctl_arg.ioeventfd),
-				    (void *)args->arg);
-		apply_ioeventfd(s, pid);
+		struct ioctl_ioeventfd a = {};
+		bpf_probe_read_user(&a, sizeof(a), (void *)args->arg);
+		apply_ioeventfd(s, pid, &a);
 #ifdef HAVE_KVM_IOREGION
 	} else if (cmd == KVM_SET_IOREGION) {
-		struct ioctl_ioregion *a = &s->ioctl_arg.ioregion;
-		bpf_probe_read_user(a, sizeof(*a), (void *)args->arg);
-		if (!(a->flags & KVM_IOREGION_DEASSIGN))
+		struct ioctl_ioregion a = {};
+		bpf_probe_read_user(&a, sizeof(a), (void *)args->arg);
+		if (!(a.flags & KVM_IOREGION_DEASSIGN))
 			remember(pid, s->vm, REG_IOREGION,
-				 (a->flags & KVM_IOREGION_PIO) ? SPACE_PIO : SPACE_MMIO,
-				 a->guest_paddr, a->memory_size);
+				 (a.flags & KVM_IOREGION_PIO) ? SPACE_PIO : SPACE_MMIO,
+				 a.guest_paddr, a.memory_size);
 #endif
 	} else {
-		bpf_probe_read_user(&s->ioctl_arg.zone, sizeof(s->ioctl_arg.zone),
-				    (void *)args->arg);
-		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO);
+		struct ioctl_zone a = {};
+		bpf_probe_read_user(&a, sizeof(a), (void *)args->arg);
+		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO, &a);
 	}
 	return 0;
 }
@@ -1307,11 +1305,10 @@ int qemu_flatview_section(void *ctx)
 }
 #endif /* WITH_QEMU_MIRROR */
 
-/* Where a vCPU's struct kvm_run is mapped: mmap(vcpu_fd, offset 0). */
-/* A vCPU's kvm_run: VMMs map it right after creating the vCPU, on the same
- * thread (QEMU's kvm_init_vcpu, rust-vmm's create_vcpu, the demo), so the
- * next mmap of an fd at offset 0 with the vCPU mmap size is that.  A later
- * mmap of a known vCPU fd is followed too. */
+/* Where a vCPU's struct kvm_run is mapped.  VMMs map it right after
+ * creating the vCPU, on the same thread (QEMU's kvm_init_vcpu, rust-vmm's
+ * create_vcpu, the demo), so the next mmap of an fd at offset 0 with the
+ * vCPU mmap size is that.  A later mmap of a known vCPU fd is followed too. */
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
 	if (args->off != 0 || (long)args->fd < 0)

@@ -125,19 +125,14 @@ def kvm_facts():
     """The KVM capabilities that decide which dispatch paths exist."""
     import fcntl
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        with kvmapi.system_fd() as fd:
+            caps = {name: fcntl.ioctl(fd, kvmapi.KVM_CHECK_EXTENSION, cap) for name, cap in (
+                ("coalesced_mmio", kvmapi.KVM_CAP_COALESCED_MMIO),
+                ("ioeventfd", kvmapi.KVM_CAP_IOEVENTFD),
+                ("coalesced_pio", kvmapi.KVM_CAP_COALESCED_PIO))}
+            return {"api_version": fcntl.ioctl(fd, kvmapi.KVM_GET_API_VERSION), "caps": caps}
     except OSError as e:
         return {"error": e.strerror}
-    try:
-        caps = {name: fcntl.ioctl(fd, kvmapi.KVM_CHECK_EXTENSION, cap) for name, cap in (
-            ("coalesced_mmio", kvmapi.KVM_CAP_COALESCED_MMIO),
-            ("ioeventfd", kvmapi.KVM_CAP_IOEVENTFD),
-            ("coalesced_pio", kvmapi.KVM_CAP_COALESCED_PIO))}
-        return {"api_version": fcntl.ioctl(fd, kvmapi.KVM_GET_API_VERSION), "caps": caps}
-    except OSError as e:
-        return {"error": e.strerror}
-    finally:
-        os.close(fd)
 
 
 def now_iso():

@@ -6,7 +6,9 @@ sys_enter_ioctl; the demo VMM needs all of it to run a guest.  Keeping both in
 one module means the BPF program's constants are generated from here.
 """
 
+import contextlib
 import ctypes
+import os
 import struct
 
 KVMIO = 0xAE
@@ -187,3 +189,14 @@ COALESCED_RING_ENTRY = struct.Struct("<QII8s")
 def coalesced_ring_max(page_size):
     """KVM_COALESCED_MMIO_MAX: entries that fit in one page after the header."""
     return (page_size - COALESCED_RING_HEADER.size) // COALESCED_RING_ENTRY.size
+
+
+@contextlib.contextmanager
+def system_fd():
+    """/dev/kvm, open for system ioctls (KVM_CHECK_EXTENSION and the like)
+    and closed after; OSError if it cannot be opened."""
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -341,15 +341,10 @@ def vcpu_mmap_size():
     """The size VMMs map a vCPU fd with (0 if /dev/kvm will not say): the
     BPF side knows a vCPU's kvm_run mapping by it."""
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        with kvmapi.system_fd() as fd:
+            return max(fcntl.ioctl(fd, kvmapi.KVM_GET_VCPU_MMAP_SIZE, 0), 0)
     except OSError:
         return 0
-    try:
-        return max(fcntl.ioctl(fd, kvmapi.KVM_GET_VCPU_MMAP_SIZE, 0), 0)
-    except OSError:
-        return 0
-    finally:
-        os.close(fd)
 
 
 def running_pids():

@@ -9,8 +9,8 @@ cached outside the checkout (kernel/build.sh)."""
 import json
 import os
 import re
-import warnings
 import sys
+import warnings
 
 import pytest
 

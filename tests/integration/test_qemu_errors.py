@@ -5,8 +5,8 @@ import json
 import os
 import socket
 import subprocess
-import time
 import threading
+import time
 
 import pytest
 
