@@ -30,6 +30,16 @@
  * ioregtrace/kvmapi.py and ioregtrace/histogram.py.
  */
 
+/* bpf_probe_read_user[_str] under names BCC's rewriter does not know.  BCC
+ * 0.26 checks the kernel for the helper at every call site of those names by
+ * loading all of /proc/kallsyms (~0.1 s each here; attach time is mostly
+ * compile time).  Every kernel this program can run on has them: task
+ * storage (5.11) is newer than bpf_probe_read_user (5.5). */
+static long (*read_user)(void *dst, u32 size, const void *src) =
+	(void *)BPF_FUNC_probe_read_user;
+static long (*read_user_str)(void *dst, u32 size, const void *src) =
+	(void *)BPF_FUNC_probe_read_user_str;
+
 #define KVM_TRACE_MMIO_READ_UNSATISFIED 0
 #define KVM_TRACE_MMIO_READ 1
 #define KVM_TRACE_MMIO_WRITE 2
@@ -898,7 +908,7 @@ static __always_inline int decode_exit(struct thread_state *s, u32 reason,
 {
 	struct kvm_run_head run;
 	if (!s->run_addr ||
-	    bpf_probe_read_user(&run, sizeof(run), (void *)s->run_addr) ||
+	    read_user(&run, sizeof(run), (void *)s->run_addr) ||
 	    run.exit_reason != reason)
 		return 0;
 	if (reason == KVM_EXIT_IO) {
@@ -1193,12 +1203,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		s->vcpu_created = 1;
 	} else if (cmd == KVM_IOEVENTFD) {
 		struct ioctl_ioeventfd a = {};
-		bpf_probe_read_user(&a, sizeof(a), (void *)args->arg);
+		read_user(&a, sizeof(a), (void *)args->arg);
 		apply_ioeventfd(s, pid, &a);
 #ifdef HAVE_KVM_IOREGION
 	} else if (cmd == KVM_SET_IOREGION) {
 		struct ioctl_ioregion a = {};
-		bpf_probe_read_user(&a, sizeof(a), (void *)args->arg);
+		read_user(&a, sizeof(a), (void *)args->arg);
 		if (!(a.flags & KVM_IOREGION_DEASSIGN))
 			remember(pid, s->vm, REG_IOREGION,
 				 (a.flags & KVM_IOREGION_PIO) ? SPACE_PIO : SPACE_MMIO,
@@ -1206,7 +1216,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 #endif
 	} else {
 		struct ioctl_zone a = {};
-		bpf_probe_read_user(&a, sizeof(a), (void *)args->arg);
+		read_user(&a, sizeof(a), (void *)args->arg);
 		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO, &a);
 	}
 	return 0;
@@ -1240,7 +1250,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 static __always_inline u64 user_u64(u64 addr)
 {
 	u64 v = 0;
-	bpf_probe_read_user(&v, sizeof(v), (void *)addr);
+	read_user(&v, sizeof(v), (void *)addr);
 	return v;
 }
 
@@ -1254,7 +1264,7 @@ int qemu_flatview_section(void *ctx)
 	u64 fv = user_u64(section + SECTION_FV);
 	u64 root = user_u64(fv + FLATVIEW_ROOT);
 	char root_name[8] = {};
-	bpf_probe_read_user_str(root_name, sizeof(root_name), (void *)user_u64(root + name_off));
+	read_user_str(root_name, sizeof(root_name), (void *)user_u64(root + name_off));
 	u8 space;
 	if (root_name[0] == 's' && root_name[1] == 'y' && root_name[2] == 's' &&
 	    root_name[3] == 't' && root_name[4] == 'e' && root_name[5] == 'm' && !root_name[6])
@@ -1297,9 +1307,9 @@ int qemu_flatview_section(void *ctx)
 		e->size = 0;    /* the whole 64-bit space */
 	e->offset = user_u64(section + SECTION_OFFSET_IN_MR);
 	e->readonly = 0;
-	bpf_probe_read_user(&e->readonly, 1, (void *)(section + SECTION_READONLY));
+	read_user(&e->readonly, 1, (void *)(section + SECTION_READONLY));
 	e->name[0] = 0;
-	bpf_probe_read_user_str(e->name, sizeof(e->name), (void *)user_u64(e->mr + name_off));
+	read_user_str(e->name, sizeof(e->name), (void *)user_u64(e->mr + name_off));
 	layout_events.ringbuf_submit(e, 0);
 	return 0;
 }
