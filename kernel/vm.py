@@ -67,6 +67,12 @@ class VmError(Exception):
     pass
 
 
+class VmTimeout(VmError):
+    """The VM did not finish in time.  Besides a hang in the command
+    itself, the whole guest has been seen to stop waking up, rarely
+    (kernel/NOTES.md, "Open")."""
+
+
 def tsc_args():
     """Kernel arguments that give the guest its TSC frequency.
 
@@ -172,8 +178,8 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
                              timeout=timeout)
     except subprocess.TimeoutExpired as e:
         console = (e.stdout or b"").decode(errors="replace")
-        raise VmError(f"VM did not finish in {timeout} s; console tail:\n"
-                      f"{console[-3000:]}") from None
+        raise VmTimeout(f"VM did not finish in {timeout} s; console tail:\n"
+                        f"{console[-3000:]}") from None
     finally:
         shutil.rmtree(inbox, ignore_errors=True)
     console = res.stdout.decode(errors="replace").replace("\r\n", "\n")

@@ -43,6 +43,10 @@ dmesg > $out/dmesg.txt
 # forwarded device's 100 reads outweigh every inline region in the
 # candidates ranking (its top 10) even when TCG takes ~0.5 ms per exit.
 DELAY_US = 5000
+# A whole run (boot, selftest, traced demo) takes ~100 s under TCG here.  A
+# stalled guest is stopped after this long and booted once more: a stall
+# still costs make test only ~12 minutes of its 30.
+VM_TIMEOUT_S = 600
 FORWARD_MMIO = 0x10001000
 IOREGION_MMIO = 0x10004000
 
@@ -65,10 +69,19 @@ def guest(tmp_path_factory):
             pytest.fail(f"VM test prerequisite missing: {problem}")
         pytest.skip(problem)
     kdir = vm.build_kernel()
-    share = tmp_path_factory.mktemp("vm")
     script = GUEST_SCRIPT.format(kdir=kdir, delay_us=DELAY_US)
-    rc, console = vm.run(script, kernel_dir=kdir, cwd=REPO,
-                         share=str(share), timeout=900)
+    for attempt in (1, 2):
+        share = tmp_path_factory.mktemp("vm")
+        try:
+            rc, console = vm.run(script, kernel_dir=kdir, cwd=REPO,
+                                 share=str(share), timeout=VM_TIMEOUT_S)
+            break
+        except vm.VmTimeout as e:
+            # The rare whole-guest stall (kernel/NOTES.md, "Open") never
+            # ends by itself: boot once more, and say so.
+            if attempt == 2:
+                raise
+            warnings.warn(f"the test VM stalled and was booted again: {e}", stacklevel=1)
     (share / "console.log").write_text(console)
     assert rc == 0, console[-3000:]
     return share
