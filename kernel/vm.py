@@ -11,7 +11,7 @@ serial console as a base64 tarball, with its exit status.  (Not a writable
 9p share: a guest writing to one hung once in ~50 runs, idle, with QEMU
 7.2's 9p server under TCG.)
 
-    python3 kernel/vm.py [--timeout S] -- COMMAND...   (as root)
+    python3 kernel/vm.py [--timeout S] [--monitor SOCKET] -- COMMAND...   (as root)
 """
 
 import argparse
@@ -148,11 +148,14 @@ def _unpack_files(console, share):
     return "\n".join(lines[:begin] + lines[end + 1:]) + "\n"
 
 
-def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
+def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None,
+        monitor=None):
     """Run a shell command in a fresh VM: (exit status, console text).
 
     The command finds /run/vmtest empty and writable; what it leaves there
-    is copied into the host directory `share` (when given)."""
+    is copied into the host directory `share` (when given).  `monitor`: a
+    unix socket path for QEMU's human monitor (`info lapic 0`, `info
+    registers -a`: where a stalled guest's CPUs are)."""
     if shutil.which("qemu-system-x86_64") is None:
         raise VmError("qemu-system-x86_64 is not installed (make setup)")
     if not os.path.exists(BUSYBOX):
@@ -173,6 +176,8 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
             "-append", f"console=ttyS0 panic=-1 quiet vmtest={command_file}" + tsc_args(),
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
             "-serial", "stdio"]
+    if monitor:
+        argv += ["-monitor", f"unix:{monitor},server,nowait"]
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                              timeout=timeout)
@@ -195,12 +200,13 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--monitor", metavar="SOCKET", help="QEMU's monitor on this unix socket")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
         rc, console = run(shlex.join(command) if command else "uname -a", timeout=args.timeout,
-                          cwd=os.getcwd())
+                          cwd=os.getcwd(), monitor=args.monitor)
     except VmError as e:
         sys.exit(f"vm: {e}")
     sys.stdout.write(console)
