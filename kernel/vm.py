@@ -1,8 +1,9 @@
 """Run commands inside a VM booted from the ioregionfd kernel.
 
-The kernel (kernel/build.sh) boots under QEMU TCG with `-cpu EPYC,+svm`:
-this machine's own KVM cannot boot Linux, but TCG's emulated SVM lets the
-guest run nested KVM guests of its own.  The host's root is shared read-only
+The kernel (kernel/build.sh) boots under QEMU TCG (one host thread for
+both vCPUs) with `-cpu EPYC,+svm`: this machine's own KVM cannot boot
+Linux, but TCG's emulated SVM lets the guest run nested KVM guests of its
+own.  The host's root is shared read-only
 over 9p and becomes the guest's root (a busybox initramfs mounts it and
 chroots), so the guest runs the host's Python, BCC and this checkout as
 they are.  The command comes in as a file on the host (its path on the
@@ -68,9 +69,9 @@ class VmError(Exception):
 
 
 class VmTimeout(VmError):
-    """The VM did not finish in time.  Besides a hang in the command
-    itself, the whole guest has been seen to stop waking up, rarely
-    (kernel/NOTES.md, "Open")."""
+    """The VM did not finish in time: a hang in the command, or the whole
+    guest stalled (seen with multi-threaded TCG; kernel/NOTES.md, "The test
+    VM's rare stall")."""
 
 
 def tsc_args():
@@ -170,8 +171,11 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None,
         f.write("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
                 "export HOME=/run/tmp TMPDIR=/run/tmp\n" + exports +
                 (f"cd {shlex.quote(cwd)} || exit 125\n" if cwd else "") + command + "\n")
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm", "-smp", "2",
-            "-m", "2048", "-nodefaults", "-display", "none", "-no-reboot",
+    # One host thread runs both vCPUs (thread=single): with a thread per
+    # vCPU, QEMU 7.2 now and then leaves a halted vCPU asleep with APIC
+    # interrupts pending and the whole guest stalls (kernel/NOTES.md).
+    argv = ["qemu-system-x86_64", "-accel", "tcg,thread=single", "-cpu", "EPYC,+svm",
+            "-smp", "2", "-m", "2048", "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", os.path.join(kernel_dir, "bzImage"), "-initrd", initramfs(),
             "-append", f"console=ttyS0 panic=-1 quiet vmtest={command_file}" + tsc_args(),
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",

@@ -77,8 +77,8 @@ def guest(tmp_path_factory):
                                  share=str(share), timeout=VM_TIMEOUT_S)
             break
         except vm.VmTimeout as e:
-            # The rare whole-guest stall (kernel/NOTES.md, "Open") never
-            # ends by itself: boot once more, and say so.
+            # A whole-guest stall (kernel/NOTES.md, "The test VM's rare
+            # stall") never ends by itself: boot once more, and say so.
             if attempt == 2:
                 raise
             warnings.warn(f"the test VM stalled and was booted again: {e}", stacklevel=1)
@@ -96,8 +96,9 @@ def _read(share, name):
 def test_selftests_pass_in_the_vm(guest):
     hang = guest / "selftest.hang.tap"
     if hang.exists():
-        # A rare hang, cause not yet known (kernel/NOTES.md, "Open"):
-        # reported, and the suite must then pass on its second run.
+        # A hang, seen only under multi-threaded TCG (kernel/NOTES.md,
+        # "The test VM's rare stall"): reported, and the suite must then
+        # pass on its second run.
         warnings.warn("ioregionfd_test hung once and was run again:\n"
                       + hang.read_text()[-1500:], stacklevel=1)
     tap = _read(guest, "selftest.tap")

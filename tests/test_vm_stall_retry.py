@@ -1,5 +1,5 @@
 """The VM test's answer to a guest that stalls whole (kernel/NOTES.md,
-"Open"): stop it, boot once more, warn.  vm.run is replaced here; nothing
+"The test VM's rare stall"): stop it, boot once more, warn.  vm.run is replaced here; nothing
 boots."""
 
 import types
