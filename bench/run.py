@@ -711,7 +711,7 @@ def main():
           "(the overhead the BPF programs alone explain; far less noisy than throughput); "
           "program runs per access")
     for workload, per_tool in costs.items():
-        cpu_ns = 1e9 / statistics.median(results[workload]["untraced"])
+        cpu_ns = bpf["cpu_ns"][workload]
         print(f"  {workload}:")
         for name, c in per_tool.items():
             print(f"    {name:36} {c['ns']:6.0f} ns, net {c['net_ns']:5.0f} ns "

@@ -3,14 +3,13 @@
 The kernel (kernel/build.sh) boots under QEMU TCG (one host thread for
 both vCPUs) with `-cpu EPYC,+svm`: this machine's own KVM cannot boot
 Linux, but TCG's emulated SVM lets the guest run nested KVM guests of its
-own.  The host's root is shared read-only
-over 9p and becomes the guest's root (a busybox initramfs mounts it and
-chroots), so the guest runs the host's Python, BCC and this checkout as
-they are.  The command comes in as a file on the host (its path on the
-kernel command line); the files it leaves in /run/vmtest come back on the
-serial console as a base64 tarball, with its exit status.  (Not a writable
-9p share: a guest writing to one hung once in ~50 runs, idle, with QEMU
-7.2's 9p server under TCG.)
+own.  The host's root is shared read-only over 9p and becomes the guest's
+root (a busybox initramfs mounts it and chroots), so the guest runs the
+host's Python, BCC and this checkout as they are.  The command comes in as
+a file on the host (its path on the kernel command line); the files it
+leaves in /run/vmtest come back on the serial console as a base64 tarball,
+with its exit status.  (Not a writable 9p share: a guest writing to one
+hung once in ~50 runs, idle, with QEMU 7.2's 9p server under TCG.)
 
     python3 kernel/vm.py [--timeout S] [--monitor SOCKET] -- COMMAND...   (as root)
 """
