@@ -191,8 +191,10 @@ struct kvm_run_head {
 	};
 };
 
-/* Per-thread state.  Lives in task storage: freed with the thread. */
+/* Per-thread state: see thread() for where it lives. */
 struct thread_state {
+	u64 tid;                /* the owner of a thread_slots slot, 0: free (u64: BCC's
+				 * LLVM has 64-bit compare-and-swap only) */
 	u32 pid;                /* tgid, cached: one helper call less per event */
 	u32 vm;
 	u8 traced;
@@ -250,6 +252,13 @@ struct thread_state {
 #define EXIT_KEYED 1            /* exit_key is the access; time to next KVM_RUN */
 #define EXIT_PIO_IN 2           /* IN went out; its key arrives with kvm_pio */
 
+/* Most threads keep their state in the slot of thread_slots their thread id
+ * indexes: an array lookup, which the verifier inlines.  A task-storage
+ * lookup is a helper call, ~10-20 ns a program here (bench/RESULTS.md), of
+ * ~60 for an in-kernel access in all.  A thread whose slot another live
+ * thread holds keeps its state in task storage instead (freed with the
+ * thread).  A thread frees its slot when it exits. */
+BPF_ARRAY(thread_slots, struct thread_state, THREAD_SLOTS);
 BPF_TASK_STORAGE(threads, struct thread_state);
 /* Large and allocated on first use: a framebuffer alone brings tens of
  * thousands of distinct addresses, an idle VM a handful. */
@@ -393,18 +402,50 @@ static __always_inline void refresh(struct thread_state *s, u32 pid)
 		s->synced = 1;
 }
 
+static __always_inline struct thread_state *thread_slot(u32 tid)
+{
+	int idx = tid & (THREAD_SLOTS - 1);
+	return thread_slots.lookup(&idx);
+}
+
+/* The state of thread `tid` (the current one), or 0 if it has none. */
+static __always_inline struct thread_state *thread_find(u32 tid)
+{
+	struct thread_state *s = thread_slot(tid);
+	if (s && s->tid == tid)
+		return s;
+	return threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+}
+
+/* A new thread's state: its slot if free, else task storage. */
+static __always_inline struct thread_state *thread_new(u32 tid)
+{
+	struct thread_state *s = thread_slot(tid);
+	if (s && !s->tid && __sync_val_compare_and_swap(&s->tid, 0, (u64)tid) == 0) {
+		/* The slot is ours; clear what its last owner left. */
+		__builtin_memset(&s->pid, 0, sizeof(*s) - offsetof(struct thread_state, pid));
+		return s;
+	}
+	s = threads.task_storage_get(bpf_get_current_task_btf(), 0,
+				     BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (s)
+		s->tid = tid;
+	return s;
+}
+
+/* The current thread's state, created on its first event. */
 static __always_inline struct thread_state *thread(void)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct thread_state *s = threads.task_storage_get(task, 0, 0);
+	u64 id = bpf_get_current_pid_tgid();
+	struct thread_state *s = thread_find(id);
 	if (s) {
 		/* One array read per event: a filter change reaches even a
 		 * vCPU that never leaves the guest. */
 		if (s->state_gen != cfg(CFG_STATE_GEN))
-			refresh(s, bpf_get_current_pid_tgid() >> 32);
+			refresh(s, id >> 32);
 		return s;
 	}
-	s = threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	s = thread_new(id);
 	if (!s) {
 		bump(CNT_LOST_EVENTS, 1);
 		return 0;
@@ -412,7 +453,7 @@ static __always_inline struct thread_state *thread(void)
 	/* A thread first seen mid-KVM_RUN may be finishing an exit we never
 	 * saw: fresh_entry makes its first read suspect (see on_read). */
 	s->fresh_entry = 1;
-	refresh(s, bpf_get_current_pid_tgid() >> 32);
+	refresh(s, id >> 32);
 	return s;
 }
 
@@ -1323,7 +1364,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
 	if (args->off != 0 || (long)args->fd < 0)
 		return 0;
-	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
 	if (!s)
 		return 0;
 	u64 size = cfg(CFG_VCPU_MMAP_SIZE);
@@ -1341,7 +1382,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
-	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
 	if (!s || !s->mmap_vcpu)
 		return 0;
 	s->mmap_vcpu = 0;
@@ -1373,9 +1414,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = id, tgid = id >> 32;
-	struct thread_state *s = threads.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	struct thread_state *s = thread_find(tid);
 	if (s)
 		flush_batches(s);
+	s = thread_slot(tid);
+	if (s && s->tid == tid)
+		s->tid = 0;             /* the slot is free for the next thread */
 	if (tid != tgid) {
 		targets.delete(&tid);
 		return 0;

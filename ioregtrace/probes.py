@@ -26,6 +26,7 @@ MAP_SIZES = {
     "LATENCY_FLUSH": 16,          # round trips likewise (a power of two)
     "MAX_LATENCY_KEYS": 2048,
     "MAX_VMS": 1024,
+    "THREAD_SLOTS": 4096,         # threads with array-held state (a power of two)
     "MAX_TARGETS": 8192,
     "MAX_IOEVENTFD_ADDRS": 4096,
     "IOEVENTFD_SLOTS": 16,
