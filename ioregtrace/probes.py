@@ -178,7 +178,7 @@ class Tracer:
         # reads from its HTTP threads while the session polls.
         self.lock = threading.RLock()
         self.filtering = pids is not None
-        config = self.bpf["config"]
+        config = self.bpf[b"config"]
         config[ctypes.c_int(CFG_REG_GEN)] = ctypes.c_uint64(1)
         config[ctypes.c_int(CFG_VCPU_MMAP_SIZE)] = ctypes.c_uint64(vcpu_mmap_size())
         self.events = None
@@ -187,7 +187,7 @@ class Tracer:
             self._raw = []                   # undecoded struct raw_event records
             self._last_userspace = {}        # tid -> index of its last userspace event
             config[ctypes.c_int(CFG_EVENTS_LEFT)] = ctypes.c_uint64(events)
-            self.bpf["raw_events"].open_ring_buffer(self._on_raw_event)
+            self.bpf[b"raw_events"].open_ring_buffer(self._on_raw_event)
         # Programs are attached but trace nothing until this is done.
         if self.filtering:
             for pid in pids:
@@ -200,20 +200,20 @@ class Tracer:
         self._state_changed()
 
     def add_target(self, pid):
-        self.bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        self.bpf[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
         self.learn_vcpus(pid)
         self._state_changed()
 
     def _state_changed(self):
         """Threads re-read what they cache (the filter) at their next KVM_RUN."""
-        config = self.bpf["config"]
+        config = self.bpf[b"config"]
         key = ctypes.c_int(CFG_STATE_GEN)
         config[key] = ctypes.c_uint64(config[key].value + 1)
 
     def learn_vcpus(self, pid):
         """vCPUs created before we attached: where each vCPU fd's kvm_run is
         mapped, so their exits can be decoded too."""
-        runs = self.bpf["vcpu_runs"]
+        runs = self.bpf[b"vcpu_runs"]
         for fd, addr in vcpu_run_mappings(pid).items():
             key = runs.Key(pid=pid, fd=fd)
             runs[key] = ctypes.c_uint64(addr)
@@ -229,7 +229,7 @@ class Tracer:
         if offsets and binary.name_offset not in offsets:
             raise UserError(f"{binary.path}: a second QEMU build with another MemoryRegion "
                             "layout; trace one QEMU build per session")
-        self.bpf["config"][ctypes.c_int(CFG_MR_NAME_OFFSET)] = ctypes.c_uint64(
+        self.bpf[b"config"][ctypes.c_int(CFG_MR_NAME_OFFSET)] = ctypes.c_uint64(
             binary.name_offset)
         try:
             self.bpf.attach_uprobe(name=binary.path.encode(), sym=b"flatview_add_to_dispatch",
@@ -238,12 +238,12 @@ class Tracer:
             raise UserError(f"cannot attach a uprobe to {binary.path}: "
                             f"{str(e).splitlines()[0]}") from None
         if not self._ring_open:
-            self.bpf["layout_events"].open_ring_buffer(self._on_layout_event)
+            self.bpf[b"layout_events"].open_ring_buffer(self._on_layout_event)
             self._ring_open = True
         self.mirrored_binaries[binary.path] = binary
 
     def _on_layout_event(self, ctx, data, size):
-        e = self.bpf["layout_events"].event(data)
+        e = self.bpf[b"layout_events"].event(data)
         self.layout_events += 1
         self.histories[e.vm].add_section(e.gen, keys.Space(e.space), e.fv, e.start, e.size,
                                          e.name.decode(errors="replace"), e.offset, e.mr)
@@ -282,12 +282,12 @@ class Tracer:
             self.snapshot_vms()
 
     def vm_serial(self, pid):
-        info = self.bpf["vms"].get(ctypes.c_uint32(pid))
+        info = self.bpf[b"vms"].get(ctypes.c_uint32(pid))
         return info.serial if info is not None else None
 
     def remove_target(self, pid):
         try:
-            del self.bpf["targets"][ctypes.c_uint32(pid)]
+            del self.bpf[b"targets"][ctypes.c_uint32(pid)]
         except KeyError:
             pass
         self._state_changed()
@@ -307,7 +307,7 @@ class Tracer:
         """Every VMM process seen, by serial, including ones whose pid has
         since been reused (the map only holds a pid's latest)."""
         with self.lock:
-            items = list(self.bpf["vms"].items())
+            items = list(self.bpf[b"vms"].items())
         for k, v in items:
             self.known_vms[v.serial] = VmInfo(k.value, v.serial, bool(v.complete),
                                               v.comm.decode(errors="replace"), v.exited_ns)
@@ -320,16 +320,16 @@ class Tracer:
     def _snapshot(self):
         self.poll()
         snap = RawSnapshot(taken=time.monotonic())
-        for k, v in _items(self.bpf["accesses"]):
+        for k, v in _items(self.bpf[b"accesses"]):
             snap.accesses[(k.vm, _access_key(k))] = getattr(v, "value", v)
-        for k, v in _items(self.bpf["latencies"]):
+        for k, v in _items(self.bpf[b"latencies"]):
             slots = list(v.slots)[:histogram.SLOTS]
             snap.latencies[(k.vm, _access_key(k))] = LatencyStats(
                 sum(slots), v.sum_ns, v.max_ns, slots)
         snap.vms = self.snapshot_vms()
         for i, name in enumerate(COUNTERS):
-            snap.counters[name] = sum(self.bpf["counters"][ctypes.c_int(i)])
-        for k in self.bpf["reg_history"].keys():
+            snap.counters[name] = sum(self.bpf[b"counters"][ctypes.c_int(i)])
+        for k in self.bpf[b"reg_history"].keys():
             snap.registrations.append((k.vm, REG_KINDS[k.kind], keys.Space(k.space),
                                        k.addr, k.size))
         return snap

@@ -38,7 +38,7 @@ def one_slot_tracer(tracing_host, monkeypatch):
 
 
 def slot_owner(tracer):
-    return tracer.bpf["thread_slots"][0].tid
+    return tracer.bpf[b"thread_slots"][0].tid
 
 
 def rows_of(tracer, pid):
