@@ -8,7 +8,9 @@ Prints "attached" once it is; Ctrl-C/SIGTERM to stop.
     whose BPF time is what the kernel's accounting itself adds to each run.
     floor.py --clock: a program that only reads the clock, once.
     floor.py --sys-enter: a program that does nothing on the raw sys_enter
-    tracepoint, the cheapest way to see every syscall (registrations)."""
+    tracepoint, the cheapest way to see every syscall (registrations).
+    floor.py --ioctl: a program that does nothing on syscalls:sys_enter_ioctl,
+    the hook ioregtrace uses: what the hook costs before its program runs."""
 
 import signal
 import sys
@@ -52,6 +54,13 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 }
 """
 
+IOCTL = r"""
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	return 0;
+}
+"""
+
 
 def main():
     import os
@@ -59,7 +68,7 @@ def main():
     if path and path != headers.running_build_dir():
         os.environ["BCC_KERNEL_SOURCE"] = path
     from bcc import BPF
-    modes = {"--empty": EMPTY, "--clock": CLOCK, "--sys-enter": SYS_ENTER}
+    modes = {"--empty": EMPTY, "--clock": CLOCK, "--sys-enter": SYS_ENTER, "--ioctl": IOCTL}
     text = modes.get(sys.argv[1], PROGRAM) if sys.argv[1:] else PROGRAM
     b = BPF(text=text, cflags=["-Wno-ignored-attributes"])
     stop = threading.Event()

@@ -186,6 +186,16 @@ class SysEnter(Floor):
         return super().argv() + ["--sys-enter"]
 
 
+class IoctlHook(Floor):
+    """The syscall phase's other calibration: a program that does nothing on
+    syscalls:sys_enter_ioctl, the hook ioregtrace sees registrations and
+    KVM_RUN with: what that hook costs each ioctl before any program work."""
+    name = "sys_enter_ioctl, empty program"
+
+    def argv(self):
+        return super().argv() + ["--ioctl"]
+
+
 class IoregStat(Tool):
     name = "ioregtrace stat (aggregate)"
     ready_text = "tracing every KVM VM"
@@ -472,7 +482,7 @@ def syscall_cost(log, repeats=2):
         subprocess.run(["gcc", "-O2", "-o", loop, os.path.join(HERE, "syscall_loop.c")],
                        check=True)
         for _ in range(repeats):
-            for cls in [Untraced, SysEnter] + BPF_TOOLS:
+            for cls in [Untraced, SysEnter, IoctlHook] + BPF_TOOLS:
                 with attached(cls, tmp):
                     res = subprocess.run(["taskset", "-c", DEMO_CPU, loop], capture_output=True,
                                          text=True, check=True)
