@@ -97,12 +97,14 @@ def test_differences_inside_the_noise_are_marked():
     assert "within the A/A noise, 20.0% wide" in figures(0.20)[name]
 
 
-def test_round_trip_floor_takes_the_cheaper_hook_and_two_clock_reads():
+def test_round_trip_floor_takes_the_cheapest_hook_and_two_clock_reads():
     syscalls = {"untraced": (300, 250), "raw sys_enter, empty program": (340, 300),
                 "ioregtrace stat (aggregate)": (500, 290)}
     assert bench.round_trip_floor(syscalls, 70) == (40 + 2 * 70, 40)
     syscalls["raw sys_enter, empty program"] = (600, 400)
     assert bench.round_trip_floor(syscalls, 70) == (200 + 2 * 70, 200)
+    syscalls["sys_enter_ioctl, empty program"] = (420, 260)
+    assert bench.round_trip_floor(syscalls, 70) == (120 + 2 * 70, 120)
 
 
 def test_aggregate_short_count_fails():
