@@ -265,6 +265,10 @@ class PerfRecord(Tool):
 
 TOOLS = [Untraced, Floor, IoregStat, IoregRecord, Bpftrace, PerfStat, PerfRecord]
 BPF_TOOLS = [Floor, IoregStat, IoregRecord, Bpftrace]
+# The syscall phase: the two hooks that can see registrations, each with an
+# empty program, and ioregtrace (record --events has the same hooks; the
+# other tools hook no syscall).
+SYSCALL_TOOLS = [Untraced, SysEnter, IoctlHook, IoregStat]
 
 
 def _status_kib(pid, field):
@@ -482,7 +486,7 @@ def syscall_cost(log, repeats=2):
         subprocess.run(["gcc", "-O2", "-o", loop, os.path.join(HERE, "syscall_loop.c")],
                        check=True)
         for _ in range(repeats):
-            for cls in [Untraced, SysEnter, IoctlHook] + BPF_TOOLS:
+            for cls in SYSCALL_TOOLS:
                 with attached(cls, tmp):
                     res = subprocess.run(["taskset", "-c", DEMO_CPU, loop], capture_output=True,
                                          text=True, check=True)
@@ -690,16 +694,23 @@ def main():
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     t0 = time.monotonic()
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
-    results, overheads, extras, wall = measure(repeats, seconds, bracket_s, log)
-    costs, clock_ns = per_event_cost(2 if args.quick else 5, log,
-                                     repeats=1 if args.quick else 2)
-    syscalls = syscall_cost(log, repeats=1 if args.quick else 2)
+
+    def phase(name, run, *a, **kw):
+        started = time.monotonic()
+        out = run(*a, **kw)
+        log(f"bench: {name} phase took {time.monotonic() - started:.0f} s")
+        return out
+    results, overheads, extras, wall = phase("throughput", measure, repeats, seconds,
+                                             bracket_s, log)
+    costs, clock_ns = phase("cost", per_event_cost, 2 if args.quick else 5, log,
+                            repeats=1 if args.quick else 2)
+    syscalls = phase("syscall", syscall_cost, log, repeats=1 if args.quick else 2)
     floor_ns, hook_ns = round_trip_floor(syscalls, clock_ns)
     bpftrace_ns = costs["userspace"][Bpftrace.name]["net_ns"]
     spread = noise(overheads)
-    attach = attach_time(log, runs=2 if args.quick else 3)
-    soaked = soak(args.soak, log) if args.soak else None
-    round_trip = None if args.quick or args.no_vm else vm_round_trip(log)
+    attach = phase("attach", attach_time, log, runs=2 if args.quick else 3)
+    soaked = phase("soak", soak, args.soak, log) if args.soak else None
+    round_trip = (None if args.quick or args.no_vm else phase("VM", vm_round_trip, log))
     bpf = {"costs": costs, "round_trip_floor": floor_ns,
            "kvm_run_hook_ns": syscalls[IoregStat.name][0] - syscalls[Untraced.name][0],
            "cpu_ns": {w: 1e9 / statistics.median(results[w][Untraced.name]) for w in WORKLOADS}}
