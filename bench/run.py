@@ -689,8 +689,10 @@ def main():
         if shutil.which(needed) is None:
             sys.exit(f"bench: {needed} is not installed (make setup installs it)")
     repeats = args.repeats or (1 if args.quick else 4)
-    # --quick: windows of ~4 passes, brackets of ~2 (its figures are noisier)
-    seconds, bracket_s = (0.8, 0.5) if args.quick else (2.0, 1.0)
+    # Windows of ~7 passes and brackets of ~3 (--quick: ~4 and ~2, noisier):
+    # with every tool's start and stop, the throughput phase is over half of
+    # the 10 minutes the whole run may take.
+    seconds, bracket_s = (0.8, 0.5) if args.quick else (1.5, 0.75)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     t0 = time.monotonic()
     log(f"bench: {repeats} interleaved repeats x {len(WORKLOADS)} workloads x {len(TOOLS)} tools")
