@@ -4,7 +4,8 @@ built from each source, loaded in turn on the same demo workload, with the
 floor probe and an empty program in every repeat.  For trying a change to
 bpf/ioregtrace.bpf.c before `make bench`.
 
-    bench/ab.py [--workload in-kernel|userspace] [--repeats N] SOURCE...
+    bench/ab.py [--workload in-kernel|userspace] [--repeats N] [--events]
+                SOURCE...
 
 Per repeat and source: gross ns per access, net of the accounting (the
 empty program's ns per run, from the same repeat, times the runs), the net
@@ -66,10 +67,11 @@ def with_text(text, workload):
         b.cleanup()
 
 
-def with_source(path, workload):
-    """The cost, and {program name: ns per run} of ioregtrace's programs."""
+def with_source(path, workload, events=False):
+    """The cost, and {program name: ns per run} of ioregtrace's programs
+    (`events`: in event mode, as `record --events` runs them)."""
     probes.BPF_SOURCE = path
-    tracer = probes.Tracer()
+    tracer = probes.Tracer(events=10**8 if events else None)
     try:
         names = {}
         for name, fn in tracer.bpf.funcs.items():
@@ -89,6 +91,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=sorted(bench.WORKLOADS), default="in-kernel")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--events", action="store_true", help="event mode (record --events)")
     ap.add_argument("sources", nargs="+", help="BPF sources to compare")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -105,7 +108,7 @@ def main():
         figures["floor net"].append(floor_net)
         line = [f"accounting {per_run:.0f} ns/run, floor net {floor_net:.0f}"]
         for src in args.sources:
-            ns, runs, per_prog = with_source(src, args.workload)
+            ns, runs, per_prog = with_source(src, args.workload, args.events)
             net = ns - runs * per_run
             figures[f"{src} gross"].append(ns)
             figures[f"{src} net"].append(net)

@@ -479,6 +479,11 @@ struct raw_event {
 #define RAW_ACCESS 0
 #define RAW_LATENCY 1
 BPF_RINGBUF_OUTPUT(raw_events, RAW_RING_PAGES);
+/* The agent drains the ring on its own schedule (ring_buffer_consume) and
+ * never sleeps on it: a wakeup, which the kernel otherwise sends whenever
+ * the reader has caught up (nearly every record, when it keeps up), would
+ * be an interrupt per event for no one. */
+#define RAW_SUBMIT_FLAGS BPF_RB_NO_WAKEUP
 
 static __always_inline void send_access(struct thread_state *s, struct access_key *k, u64 n)
 {
@@ -492,6 +497,9 @@ static __always_inline void send_access(struct thread_state *s, struct access_ke
 		return;
 	}
 	u64 id = bpf_get_current_pid_tgid();
+	/* Not the exit's time for a userspace access, though read already: an
+	 * in-kernel access settled at that exit is counted, and stamped, just
+	 * before it, and events keep the order they are counted in. */
 	e->ts = bpf_ktime_get_ns();
 	e->tid = id;
 	e->pid = id >> 32;
@@ -505,7 +513,7 @@ static __always_inline void send_access(struct thread_state *s, struct access_ke
 	e->size = k->size;
 	e->kind = RAW_ACCESS;
 	e->latency_ns = 0;
-	raw_events.ringbuf_submit(e, 0);
+	raw_events.ringbuf_submit(e, RAW_SUBMIT_FLAGS);
 	/* a latency event follows for the round trips */
 	s->event_sent = k->path == PATH_USERSPACE || k->path == PATH_IOREGIONFD;
 }
@@ -521,13 +529,12 @@ static __always_inline void send_latency(struct thread_state *s, u64 ns)
 		return;
 	}
 	u64 id = bpf_get_current_pid_tgid();
-	__builtin_memset(e, 0, sizeof(*e));
-	e->ts = bpf_ktime_get_ns();
+	__builtin_memset(e, 0, sizeof(*e));     /* ts too: only the access's is read */
 	e->tid = id;
 	e->pid = id >> 32;
 	e->kind = RAW_LATENCY;
 	e->latency_ns = ns;
-	raw_events.ringbuf_submit(e, 0);
+	raw_events.ringbuf_submit(e, RAW_SUBMIT_FLAGS);
 }
 #else
 #define send_access(s, k, n) do { } while (0)
