@@ -423,7 +423,7 @@ def noise(overheads):
     return {w: per["untraced"]["max"] - per["untraced"]["min"] for w, per in overheads.items()}
 
 
-def per_event_cost(passes, log, repeats=2):
+def per_event_cost(passes, log, repeats):
     """BPF program time per guest access, from the kernel's own accounting
     (kernel.bpf_stats_enabled, on only for this phase: the accounting has a
     cost of its own).  All of a tool's programs count, syscall tracepoints
@@ -431,19 +431,25 @@ def per_event_cost(passes, log, repeats=2):
     (measured with a program that does nothing, in the same repeat): "net"
     takes that out, so tools that run more programs per access are not
     charged for the accounting as well.  This machine slows everything down
-    by tens of percent at times, so each figure is the least disturbed of
-    `repeats` interleaved runs.  Returns (costs, ns of one clock read)."""
+    by tens of percent at times: each tool's figures are those of its least
+    disturbed run, and "floor_ratios" holds its net time over the floor's in
+    each repeat (the two measured back to back, so a slow spell moves both).
+    `repeats`: {workload: interleaved repeats}.  Returns (costs, ns of one
+    clock read)."""
     sys.path.insert(0, HERE)
     from prog_cost import bpf_stats_enabled, programs
     was = bpf_stats_enabled()
     bpf_stats_enabled(True)
     tmp = tempfile.mkdtemp(prefix="ioregtrace-bench-")
     costs = {w: {} for w in WORKLOADS}
+    ratios = {w: {cls.name: [] for cls in BPF_TOOLS} for w in WORKLOADS}
     clock_ns = None
     try:
-        for _ in range(repeats):
+        for r in range(max(repeats.values())):
             for workload in WORKLOADS:
-                per_run = None
+                if r >= repeats[workload]:
+                    continue
+                per_run, nets = None, {}
                 for cls in [Empty, Clock] + BPF_TOOLS:
                     with attached(cls, tmp) as tool:
                         before = programs(tool.proc.pid)
@@ -462,14 +468,20 @@ def per_event_cost(passes, log, repeats=2):
                         continue
                     got = {"ns": spent / accesses, "runs": runs / accesses,
                            "net_ns": (spent - runs * per_run) / accesses}
+                    nets[cls.name] = got["net_ns"]
                     log(f"  cost {workload:9} {cls.name:36} {got['ns']:7.0f} ns/access, "
                         f"{got['runs']:.2f} runs, net {got['net_ns']:.0f}")
                     held = costs[workload].get(cls.name)
                     if held is None or got["ns"] < held["ns"]:
                         costs[workload][cls.name] = got
+                for name, net in nets.items():
+                    ratios[workload][name].append(net / max(nets[Floor.name], 1e-9))
     finally:
         bpf_stats_enabled(was)
         shutil.rmtree(tmp, ignore_errors=True)
+    for workload, per_tool in costs.items():
+        for name, got in per_tool.items():
+            got["floor_ratios"] = ratios[workload][name]
     return costs, clock_ns
 
 
@@ -597,7 +609,8 @@ def vm_round_trip(log):
 def verdicts(overheads, extras, attach, soaked, bpf):
     """Each target: (name, pass, figure).  A throughput comparison closer
     than the A/A spread says so.  `bpf`: the cost phases' figures, for the
-    same targets by BPF time, which moves far less: "costs" (per_event_cost),
+    same targets by BPF time, which moves far less: "costs" (per_event_cost;
+    the in-kernel ratio is the median of its paired "floor_ratios"),
     "kvm_run_hook_ns" (what ioregtrace's syscall hook adds to each KVM_RUN),
     "cpu_ns" ({workload: untraced vCPU ns per access}) and "round_trip_floor"
     (round_trip_floor's first figure)."""
@@ -628,9 +641,16 @@ def verdicts(overheads, extras, attach, soaked, bpf):
 
     # The same targets by BPF time (perf has no BPF time: not here).
     net = lambda workload, name: bpf["costs"][workload][name]["net_ns"]   # noqa: E731
-    out.append(("aggregate, in-kernel, BPF time: <= 1.3 x floor's",
-                net("in-kernel", agg) <= 1.3 * net("in-kernel", floor),
-                f"{net('in-kernel', agg):.0f} vs {net('in-kernel', floor):.0f} ns net"))
+    paired = bpf["costs"]["in-kernel"][agg].get("floor_ratios")
+    if paired:
+        ratio = statistics.median(paired)
+        figure = (f"median {ratio:.2f} x over {len(paired)} repeats (each: "
+                  f"{', '.join(f'{x:.2f}' for x in paired)}); least {net('in-kernel', agg):.0f} "
+                  f"vs {net('in-kernel', floor):.0f} ns net")
+    else:
+        ratio = net("in-kernel", agg) / net("in-kernel", floor)
+        figure = f"{net('in-kernel', agg):.0f} vs {net('in-kernel', floor):.0f} ns net"
+    out.append(("aggregate, in-kernel, BPF time: <= 1.3 x floor's", ratio <= 1.3, figure))
     out.append(("aggregate below bpftrace, in-kernel, BPF time",
                 net("in-kernel", agg) < net("in-kernel", bpft),
                 f"{net('in-kernel', agg):.0f} < {net('in-kernel', bpft):.0f} ns net"))
@@ -704,8 +724,11 @@ def main():
         return out
     results, overheads, extras, wall = phase("throughput", measure, repeats, seconds,
                                              bracket_s, log)
+    # In-kernel, ioregtrace and the floor differ by ~10 ns of ~40: more
+    # repeats there, where the verdict is a ratio of the two.
     costs, clock_ns = phase("cost", per_event_cost, 2 if args.quick else 5, log,
-                            repeats=1 if args.quick else 2)
+                            repeats={"in-kernel": 1 if args.quick else 4,
+                                     "userspace": 1 if args.quick else 2})
     syscalls = phase("syscall", syscall_cost, log, repeats=1 if args.quick else 2)
     floor_ns, hook_ns = round_trip_floor(syscalls, clock_ns)
     bpftrace_ns = costs["userspace"][Bpftrace.name]["net_ns"]

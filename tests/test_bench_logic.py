@@ -133,3 +133,16 @@ def test_pass_log_windows(tmp_path):
     assert [round(r) for r in rates] == [5000, 20000] and n == 2000
     assert [round(w) for w in wall] == [5000, 5000]
     assert passes.window(10.0, 10.1) == ([], [], 0)
+
+
+def test_in_kernel_bpf_ratio_is_the_median_of_the_paired_repeats():
+    name = "aggregate, in-kernel, BPF time: <= 1.3 x floor's"
+    k = u = overheads()
+
+    def ratio_check(floor_ratios):
+        bpf = bpf_figures(stat_k=44, floor_k=32)          # least of each: 1.375 x
+        bpf["costs"]["in-kernel"]["ioregtrace stat (aggregate)"]["floor_ratios"] = floor_ratios
+        return checks(k, u, bpf=bpf)[name]
+    assert ratio_check([1.59, 0.92, 0.8, 1.0])            # median 0.96
+    assert not ratio_check([1.59, 1.4, 1.35, 0.92])       # median 1.375
+    assert not checks(k, u, bpf=bpf_figures(stat_k=44, floor_k=32))[name]   # no pairs: nets
