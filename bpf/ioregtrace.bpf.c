@@ -193,6 +193,11 @@ struct kvm_run_head {
 
 /* Per-thread state: see thread() for where it lives. */
 struct thread_state {
+	/* In 64-byte lines by when the fields are used: every event (with the
+	 * classification cache); an access and its exit; the batches; then
+	 * what is rarely touched.  A userspace exit touches four lines, not
+	 * five, and finds them cold after the VMM ran: ~5 % of its BPF time
+	 * (bench/RESULTS.md).  Aligned, so each thread_slots slot starts a line. */
 	u64 tid;                /* the owner of a thread_slots slot, 0: free (u64: BCC's
 				 * LLVM has 64-bit compare-and-swap only) */
 	u32 pid;                /* tgid, cached: one helper call less per event */
@@ -204,20 +209,27 @@ struct thread_state {
 	u32 state_gen;          /* CFG_STATE_GEN when the caches below were filled */
 	u32 run_fd;             /* the vCPU fd run_addr belongs to */
 	u8 event_sent;          /* event mode: its last userspace access was sent */
-
 	u8 pending;             /* pend_key holds an access awaiting its path */
 	u8 exit_kind;           /* EXIT_* below */
 	u8 await_mmio_read;     /* next kvm_mmio READ at await_addr is a completion */
 	u8 await_pio_in;        /* next kvm_pio IN: the userspace IN that exited */
 	u8 skip_pio_in;         /* next kvm_pio IN completes an IN already counted */
-	u8 vcpu_created;        /* KVM_CREATE_VCPU: its kvm_run mmap comes next */
-	u8 mmap_vcpu;           /* an mmap of a vCPU fd is between enter and exit */
-	u32 mmap_fd;
+
+	/* one-entry classification cache (doorbell loops hit it) */
+	u8 cache_space;
+	u8 cache_size;
+	u8 cache_path;
+	u8 cache_by_value;      /* the answer depends on the written value */
+	u32 cache_gen;
+	u64 cache_addr;
+	u64 cache_val;
+
 	u32 pend_count;
 	struct access_key pend_key;     /* path = the in-kernel candidate */
+	u64 exit_ts;
+	struct access_key exit_key;
 
 	u64 run_addr;           /* this thread's struct kvm_run, 0: unknown */
-
 	/* Counts not yet in the accesses map: a run of accesses with one key
 	 * (a doorbell loop, a framebuffer fill) costs one map update. */
 	struct access_key run_key;
@@ -225,28 +237,20 @@ struct thread_state {
 
 	/* Round trips not yet in the latencies map, batched like the counts:
 	 * a hash lookup and the atomics once per LATENCY_FLUSH of them. */
-	struct access_key lat_key;
+	u32 lat_n;
 	u64 lat_sum;
 	u64 lat_max;
-	u32 lat_n;
+	struct access_key lat_key;
 	u16 lat_slot[LATENCY_FLUSH];
 
-	u64 exit_ts;
-	struct access_key exit_key;
 	u64 await_addr;
 	u64 pio_in_ns;          /* latency of the IN that exited, known at re-entry */
 	u64 ioregion_ts;        /* an ioregionfd command sent, awaiting its response */
 	struct access_key ioregion_key;
-
-	/* one-entry classification cache (doorbell loops hit it) */
-	u64 cache_addr;
-	u64 cache_val;
-	u32 cache_gen;
-	u8 cache_space;
-	u8 cache_size;
-	u8 cache_path;
-	u8 cache_by_value;      /* the answer depends on the written value */
-};
+	u8 vcpu_created;        /* KVM_CREATE_VCPU: its kvm_run mmap comes next */
+	u8 mmap_vcpu;           /* an mmap of a vCPU fd is between enter and exit */
+	u32 mmap_fd;
+} __attribute__((aligned(64)));
 
 #define EXIT_NONE 0
 #define EXIT_KEYED 1            /* exit_key is the access; time to next KVM_RUN */
