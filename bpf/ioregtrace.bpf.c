@@ -198,8 +198,9 @@ struct thread_state {
 	 * what is rarely touched.  A userspace exit touches four lines, not
 	 * five, and finds them cold after the VMM ran: ~5 % of its BPF time
 	 * (bench/RESULTS.md).  Aligned, so each thread_slots slot starts a line. */
-	u64 tid;                /* the owner of a thread_slots slot, 0: free (u64: BCC's
-				 * LLVM has 64-bit compare-and-swap only) */
+	u64 tid;                /* the owner of a thread_slots slot, 0: free or in task
+				 * storage (u64: BCC's LLVM has 64-bit compare-and-swap
+				 * only) */
 	u32 pid;                /* tgid, cached: one helper call less per event */
 	u32 vm;
 	u8 traced;
@@ -302,6 +303,11 @@ struct layout_event {
 	char name[REGION_NAME_LEN];
 };
 BPF_RINGBUF_OUTPUT(layout_events, LAYOUT_RING_PAGES);
+/* The agent drains its rings on its own schedule (ring_buffer_consume) and
+ * never sleeps on them: a wakeup, which the kernel otherwise sends whenever
+ * the reader has caught up (nearly every record, when it keeps up), would
+ * be an interrupt per record for no one. */
+#define RING_SUBMIT_FLAGS BPF_RB_NO_WAKEUP
 
 /* vCPU fds of traced VMMs -> where their struct kvm_run is mapped (0 until
  * the mmap is seen; the agent fills in VMs that existed before attach). */
@@ -430,11 +436,8 @@ static __always_inline struct thread_state *thread_new(u32 tid)
 		__builtin_memset(&s->pid, 0, sizeof(*s) - offsetof(struct thread_state, pid));
 		return s;
 	}
-	s = threads.task_storage_get(bpf_get_current_task_btf(), 0,
-				     BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (s)
-		s->tid = tid;
-	return s;
+	return threads.task_storage_get(bpf_get_current_task_btf(), 0,
+					BPF_LOCAL_STORAGE_GET_F_CREATE);
 }
 
 /* The current thread's state, created on its first event. */
@@ -483,11 +486,6 @@ struct raw_event {
 #define RAW_ACCESS 0
 #define RAW_LATENCY 1
 BPF_RINGBUF_OUTPUT(raw_events, RAW_RING_PAGES);
-/* The agent drains the ring on its own schedule (ring_buffer_consume) and
- * never sleeps on it: a wakeup, which the kernel otherwise sends whenever
- * the reader has caught up (nearly every record, when it keeps up), would
- * be an interrupt per event for no one. */
-#define RAW_SUBMIT_FLAGS BPF_RB_NO_WAKEUP
 
 static __always_inline void send_access(struct thread_state *s, struct access_key *k, u64 n)
 {
@@ -517,7 +515,7 @@ static __always_inline void send_access(struct thread_state *s, struct access_ke
 	e->size = k->size;
 	e->kind = RAW_ACCESS;
 	e->latency_ns = 0;
-	raw_events.ringbuf_submit(e, RAW_SUBMIT_FLAGS);
+	raw_events.ringbuf_submit(e, RING_SUBMIT_FLAGS);
 	/* a latency event follows for the round trips */
 	s->event_sent = k->path == PATH_USERSPACE || k->path == PATH_IOREGIONFD;
 }
@@ -538,7 +536,7 @@ static __always_inline void send_latency(struct thread_state *s, u64 ns)
 	e->pid = id >> 32;
 	e->kind = RAW_LATENCY;
 	e->latency_ns = ns;
-	raw_events.ringbuf_submit(e, RAW_SUBMIT_FLAGS);
+	raw_events.ringbuf_submit(e, RING_SUBMIT_FLAGS);
 }
 #else
 #define send_access(s, k, n) do { } while (0)
@@ -1362,7 +1360,7 @@ int qemu_flatview_section(void *ctx)
 	read_user(&e->readonly, 1, (void *)(section + SECTION_READONLY));
 	e->name[0] = 0;
 	read_user_str(e->name, sizeof(e->name), (void *)user_u64(e->mr + name_off));
-	layout_events.ringbuf_submit(e, 0);
+	layout_events.ringbuf_submit(e, RING_SUBMIT_FLAGS);
 	return 0;
 }
 #endif /* WITH_QEMU_MIRROR */
@@ -1426,11 +1424,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = id, tgid = id >> 32;
 	struct thread_state *s = thread_find(tid);
-	if (s)
+	if (s) {
 		flush_batches(s);
-	s = thread_slot(tid);
-	if (s && s->tid == tid)
-		s->tid = 0;             /* the slot is free for the next thread */
+		/* A slot is free for the next thread (task storage, whose tid
+		 * is 0, goes with this one). */
+		s->tid = 0;
+	}
 	if (tid != tgid) {
 		targets.delete(&tid);
 		return 0;
