@@ -1,6 +1,6 @@
 """The VM test's answer to a guest that stalls whole (kernel/NOTES.md,
-"The test VM's rare stall"): stop it, boot once more, warn.  vm.run is replaced here; nothing
-boots."""
+"The test VM's rare stall"): stop it, boot once more, warn.  vm.run is
+replaced here; nothing boots."""
 
 import types
 
