@@ -6,6 +6,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "kernel"))
 BIN = os.path.dirname(sys.executable)
 IOREGTRACE = os.path.join(BIN, "ioregtrace")
 
@@ -36,6 +37,15 @@ def _integration_problem():
         if check.required and not check.ok or check.name.startswith("/dev/kvm") and not check.ok:
             return f"{check.name}: {check.detail}"
     return None
+
+
+def build_kernel(request):
+    """kernel/build.sh (through kernel/vm.py), its progress shown as it
+    comes: pytest would hold it back, and a first build takes ~15 minutes."""
+    import vm
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        return vm.build_kernel()
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,12 @@ cached outside the checkout (kernel/build.sh)."""
 import json
 import os
 import re
-import sys
 import warnings
 
 import pytest
 
-from conftest import REPO, REQUIRE_INTEGRATION, count_rows
-
-sys.path.insert(0, os.path.join(REPO, "kernel"))
-import vm  # noqa: E402
+import vm
+from conftest import REPO, REQUIRE_INTEGRATION, build_kernel, count_rows
 
 pytestmark = pytest.mark.integration
 
@@ -62,13 +59,13 @@ def _problem():
 
 
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory):
+def guest(request, tmp_path_factory):
     problem = _problem()
     if problem:
         if REQUIRE_INTEGRATION:
             pytest.fail(f"VM test prerequisite missing: {problem}")
         pytest.skip(problem)
-    kdir = vm.build_kernel()
+    kdir = build_kernel(request)
     script = GUEST_SCRIPT.format(kdir=kdir, delay_us=DELAY_US)
     for attempt in (1, 2):
         share = tmp_path_factory.mktemp("vm")
