@@ -254,10 +254,10 @@ def serve(ctx, pids, duration, qmp, listen, by, max_series, grace):
     until Ctrl-C or -d; after CMD or the -p processes end it keeps serving
     their final counts for --grace seconds.  See dashboards/ for Grafana.
     """
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from .session import Session
-    from .views.exporter import Exporter
+    from .views.exporter import Exporter, start_server
 
     host, port = _listen_address(listen)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=None, qmp=qmp).start()
@@ -266,7 +266,7 @@ def serve(ctx, pids, duration, qmp, listen, by, max_series, grace):
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Exporter(session, by=by, max_series=max_series, grace_s=grace))
         try:
-            server, _ = start_http_server(port, addr=host, registry=registry)
+            server = start_server(host, port, registry)
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         if host not in ("127.0.0.1", "::1", "localhost"):
