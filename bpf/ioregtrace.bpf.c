@@ -188,6 +188,13 @@ struct kvm_run_head {
 			u32 len;
 			u8 is_write;
 		} mmio;
+		struct {                /* KVM_EXIT_IOREGIONFD_FAILED (kernel/) */
+			u64 addr;
+			u64 user_data;
+			u32 len;
+			u8 is_write;
+			u8 pio;
+		} ioregionfd_failed;
 	};
 };
 
@@ -817,9 +824,9 @@ RAW_TRACEPOINT_PROBE(kvm_mmio)
 		u8 path = classify_write(s, pid, SPACE_MMIO, gpa, len, (const void *)ctx->args[3]);
 		set_pending(s, pid, SPACE_MMIO, gpa, len, OP_WRITE, path, 1);
 	} else if (type == KVM_TRACE_MMIO_READ_UNSATISFIED) {
-		/* kvm.ko found no handler; the exit that follows confirms it.
-		 * (Unless it is an ioregionfd read a signal interrupted: sent
-		 * and counted already, completed on re-entry.) */
+		/* kvm.ko found no handler; the exit that follows confirms it,
+		 * or kvm_ioregion_send takes it for an ioregion.  (Not again
+		 * for a read already sent and awaiting its completion.) */
 		if (!s->await_mmio_read || s->await_addr != gpa)
 			set_pending(s, pid, SPACE_MMIO, gpa, len, OP_READ, PATH_KERNEL, 1);
 	} else if (s->await_mmio_read && s->await_addr == gpa) {
@@ -898,15 +905,17 @@ RAW_TRACEPOINT_PROBE(kvm_ioregion_send)
 	u64 addr = ctx->args[1];
 	u8 op = ctx->args[3] ? OP_WRITE : OP_READ;
 
-	/* A write's kvm_mmio/kvm_pio event came first and is pending: it is
-	 * this access.  (One limitation: a write interrupted by a signal
-	 * while waiting for a busy socket, before it is sent, is settled as
-	 * a kernel access at that exit and counted again here.) */
+	/* A write's kvm_mmio/kvm_pio event (or an MMIO read's
+	 * READ_UNSATISFIED) came first and is pending: it is this access,
+	 * even across a return to userspace before it was sent (see on_exit).
+	 * A string OUT's elements are sent one by one. */
 	if (s->pending && s->pend_key.addr == addr && s->pend_key.space == space &&
-	    s->pend_key.op == op)
-		s->pending = 0;
-	else
+	    s->pend_key.op == op) {
+		if (--s->pend_count == 0)
+			s->pending = 0;
+	} else {
 		settle_in_kernel(s);
+	}
 	struct access_key k = {.pid = s->pid, .vm = s->vm, .addr = addr, .space = space,
 			       .op = op, .path = PATH_IOREGIONFD, .size = ctx->args[2],
 			       .layout = layout_now(s)};
@@ -1043,6 +1052,48 @@ static __always_inline void exit_inferred(struct thread_state *s, u8 space, u32 
 	}
 }
 
+#ifdef HAVE_KVM_IOREGION
+/* Did KVM_RUN return with an ioregion access unfinished
+ * (KVM_RUN_X86_IOREGIONFD_PENDING in kvm_run.flags)? */
+static __always_inline int ioregion_still_pending(struct thread_state *s)
+{
+	struct kvm_run_head run;
+	return s->run_addr && !read_user(&run, sizeof(run), (void *)s->run_addr) &&
+	       (run.flags & KVM_RUN_X86_IOREGIONFD_PENDING);
+}
+
+/* KVM_EXIT_IOREGIONFD_FAILED: an ioregion's channel failed.  If the access
+ * was sent first, kvm_ioregion_send counted it; otherwise (the channel had
+ * failed already) it is the pending access, or, for an IN, which emits no
+ * event before its exit, the one kvm_run names.  Either way it completes
+ * on re-entry (reads as all ones) without another exit: a completion, not
+ * a new access. */
+static __always_inline void exit_ioregion_failed(struct thread_state *s)
+{
+	if (s->pending) {
+		s->pending = 0;
+		s->pend_key.path = PATH_IOREGIONFD;
+		count_access(s, &s->pend_key, s->pend_count);
+		if (s->pend_key.space == SPACE_MMIO && s->pend_key.op == OP_READ) {
+			s->await_mmio_read = 1;
+			s->await_addr = s->pend_key.addr;
+		}
+		return;
+	}
+	struct kvm_run_head run;
+	if (s->skip_pio_in || !s->run_addr ||
+	    read_user(&run, sizeof(run), (void *)s->run_addr) ||
+	    run.exit_reason != KVM_EXIT_IOREGIONFD_FAILED ||
+	    !run.ioregionfd_failed.pio || run.ioregionfd_failed.is_write)
+		return;
+	struct access_key k = {.pid = s->pid, .vm = s->vm, .addr = run.ioregionfd_failed.addr,
+			       .space = SPACE_PIO, .op = OP_READ, .path = PATH_IOREGIONFD,
+			       .size = run.ioregionfd_failed.len, .layout = layout_now(s)};
+	count_access(s, &k, 1);
+	s->skip_pio_in = 1;
+}
+#endif
+
 /* TP_PROTO(__u32 reason, int errno): the end of every KVM_RUN. */
 static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
 {
@@ -1062,6 +1113,18 @@ static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
 			exit_inferred(s, reason == KVM_EXIT_MMIO ? SPACE_MMIO : SPACE_PIO, reason);
 		return;
 	}
+#ifdef HAVE_KVM_IOREGION
+	if ((err == 0 && reason == KVM_EXIT_IOREGIONFD_FAILED) ||
+	    (err != 0 && s->pending && ioregion_still_pending(s))) {
+		if (err == 0)
+			exit_ioregion_failed(s);
+		/* else: a signal before an ioregion access was sent; it stays
+		 * pending, and kvm_ioregion_send takes it on re-entry */
+		s->exit_kind = EXIT_NONE;
+		s->synced = 1;
+		return;
+	}
+#endif
 	settle_in_kernel(s);
 	s->exit_kind = EXIT_NONE;
 	s->synced = 1;

@@ -131,7 +131,7 @@ KVM_API_VERSION = 12
 KVM_CAP_COALESCED_MMIO = 15
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_COALESCED_PIO = 162
-KVM_CAP_IOREGIONFD = 1000    # kernel/patches: out of the upstream sequence
+KVM_CAP_IOREGIONFD = 239     # kernel/patches: the next free number of Linux 6.12
 
 # ioregionfd (kernel/patches): the vm ioctl, its flags, and the 32-byte
 # command KVM writes to the device task and the response it reads back.
@@ -161,14 +161,19 @@ KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_IOREGIONFD_FAILED = 40   # kernel/patches
 EXIT_REASON_NAMES = {
     KVM_EXIT_IO: "IO", KVM_EXIT_HLT: "HLT", KVM_EXIT_MMIO: "MMIO",
     KVM_EXIT_SHUTDOWN: "SHUTDOWN", KVM_EXIT_FAIL_ENTRY: "FAIL_ENTRY",
     KVM_EXIT_INTR: "INTR", KVM_EXIT_INTERNAL_ERROR: "INTERNAL_ERROR",
+    KVM_EXIT_IOREGIONFD_FAILED: "IOREGIONFD_FAILED",
 }
 
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
+
+# kvm_run.flags (x86): an ioregionfd access is unfinished (kernel/patches)
+KVM_RUN_X86_IOREGIONFD_PENDING = 1 << 3
 
 # struct kvm_run: offsets of the fields read by the demo VMM.
 RUN_EXIT_REASON = 8

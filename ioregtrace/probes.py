@@ -68,7 +68,8 @@ def compile_flags(have_fast_mmio, events=False, mirror=False, have_ioregion=Fals
                  "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO",
                  "KVM_EXIT_MMIO", "KVM_EXIT_IO", "KVM_IOEVENTFD_FLAG_PIO",
                  "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_DEASSIGN",
-                 "KVM_SET_IOREGION", "KVM_IOREGION_PIO", "KVM_IOREGION_DEASSIGN"):
+                 "KVM_SET_IOREGION", "KVM_IOREGION_PIO", "KVM_IOREGION_DEASSIGN",
+                 "KVM_EXIT_IOREGIONFD_FAILED", "KVM_RUN_X86_IOREGIONFD_PENDING"):
         flags.append(f"-D{name}={getattr(kvmapi, name):#x}U")
     if have_fast_mmio:
         flags.append("-DHAVE_KVM_FAST_MMIO")

@@ -94,7 +94,11 @@ if [ ! -f "$CACHE/debs/linux-source-6.12_${version}_all.deb" ] && ! madison | gr
 	version=$newest
 fi
 
-key=$( (echo "$version"; cat "$HERE/config.fragment" "$HERE/build.sh" "$HERE"/patches/*.patch) |
+# The patches that are applied (not the cover letter, 0000-*) and everything
+# else the build is made of.
+patches=$(ls "$HERE"/patches/*.patch | grep -v '/0000-')
+# shellcheck disable=SC2086  # one word per patch
+key=$( (echo "$version"; cat "$HERE/config.fragment" "$HERE/build.sh" $patches) |
 	sha256sum | cut -c1-16)
 out=$CACHE/kernel/$key
 
@@ -117,7 +121,7 @@ if [ -f "$out/bzImage" ] && [ -f "$out/.complete" ] && [ "${1:-}" != --rebuild ]
 	echo "$out"
 	exit 0
 fi
-log "building $out (Linux $version with kernel/patches; about 15 minutes on 2 cores the first time)"
+log "building $out (Linux $version with kernel/patches; 8-15 minutes on 2 cores the first time)"
 
 if [ ! -d "$out/src" ]; then
 	deb=$CACHE/debs/linux-source-6.12_${version}_all.deb
@@ -136,7 +140,7 @@ if [ ! -d "$out/src" ]; then
 	dpkg-deb --fsys-tarfile "$deb" |
 		tar -xO ./usr/src/linux-source-6.12.tar.xz | tar -xJ -C "$out.tmp"
 	mv "$out.tmp/linux-source-6.12" "$out.tmp/src"
-	for p in "$HERE"/patches/*.patch; do
+	for p in $patches; do
 		log "applying $(basename "$p")"
 		patch -d "$out.tmp/src" -p1 -s --no-backup-if-mismatch <"$p"
 	done

@@ -176,7 +176,9 @@ def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None,
     argv = ["qemu-system-x86_64", "-accel", "tcg,thread=single", "-cpu", "EPYC,+svm",
             "-smp", "2", "-m", "2048", "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", os.path.join(kernel_dir, "bzImage"), "-initrd", initramfs(),
-            "-append", f"console=ttyS0 panic=-1 quiet vmtest={command_file}" + tsc_args(),
+            "-append", f"console=ttyS0 panic=-1 quiet vmtest={command_file}"
+            # the ioregionfd selftest reaches the emulator with forced emulation
+            " kvm.force_emulation_prefix=1" + tsc_args(),
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
             "-serial", "stdio"]
     if monitor:

@@ -136,12 +136,13 @@ def test_ioregionfd_abi_matches_the_patch_series():
               "cmd_user_data": "offsetof(struct kvm_ioregionfd_cmd, user_data)",
               "cmd_offset": "offsetof(struct kvm_ioregionfd_cmd, offset)",
               "cmd_data": "offsetof(struct kvm_ioregionfd_cmd, data)",
-              "ioregion_flags": "offsetof(struct kvm_ioregion, flags)"}
+              "ioregion_flags": "offsetof(struct kvm_ioregion, flags)",
+              "KVM_EXIT_IOREGIONFD_FAILED": "KVM_EXIT_IOREGIONFD_FAILED"}
     got = c_values(["#include <linux/types.h>", "#include <linux/ioctl.h>",
                     "#define KVMIO 0xAE", *added], values)
     for name in ("KVM_SET_IOREGION", "KVM_CAP_IOREGIONFD", "KVM_IOREGION_PIO",
                  "KVM_IOREGION_POSTED_WRITES", "KVM_IOREGION_DEASSIGN", "IOREGIONFD_RESP",
-                 "IOREGIONFD_SIZE_MASK", "IOREGIONFD_CMD_WRITE"):
+                 "IOREGIONFD_SIZE_MASK", "IOREGIONFD_CMD_WRITE", "KVM_EXIT_IOREGIONFD_FAILED"):
         assert getattr(kvmapi, name) == got[name], name
     assert ctypes.sizeof(kvmapi.KvmIoregion) == got["sizeof_ioregion"] == 64
     assert kvmapi.KvmIoregion.flags.offset == got["ioregion_flags"]
