@@ -13,6 +13,7 @@ cached outside the checkout (kernel/build.sh)."""
 import json
 import os
 import re
+import subprocess
 import warnings
 
 import pytest
@@ -46,6 +47,8 @@ done
 .venv/bin/ioregtrace stat --json -o $out/stat.json -- \
     .venv/bin/ioregtrace demo --delay-us {delay_us} --truth $out/truth.json \
     > $out/stat.log 2>&1; echo $? > $out/stat.rc
+# The conformance test written from api.rst alone (tests/conformance/).
+timeout 600 {conformance} > $out/conformance.log 2>&1; echo $? > $out/conformance.rc
 # ioregtrace on one of the selftest's cases (in a child process): accesses
 # to a device that went away.  (Not the signal cases: they run each KVM_RUN
 # on a new thread, and ioregtrace follows a vCPU by its thread.)
@@ -70,6 +73,7 @@ DELAY_US = 5000
 # stalled guest is stopped after this long and booted once more: a stall
 # still costs make test only ~12 minutes of its 30.
 VM_TIMEOUT_S = 600
+CONFORMANCE_SOURCE = os.path.join(REPO, "tests", "conformance", "ioregionfd_conformance.c")
 # The upstream KVM selftests run in the VM (kernel/build.sh builds them).
 UPSTREAM_SELFTESTS = ("x86_64/userspace_io_test", "x86_64/sync_regs_test",
                       "x86_64/userspace_msr_exit_test", "set_memory_region_test",
@@ -88,6 +92,16 @@ def _problem():
     return None
 
 
+def _build_conformance(kdir, directory):
+    """tests/conformance, built against the test kernel's uapi headers, in
+    a host directory the guest (which sees the host's files) can run from."""
+    binary = str(directory / "conformance")
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-pthread",
+                    f"-I{kdir}/src/usr/include", "-o", binary, CONFORMANCE_SOURCE],
+                   check=True)
+    return binary
+
+
 @pytest.fixture(scope="module")
 def guest(request, tmp_path_factory):
     problem = _problem()
@@ -96,7 +110,8 @@ def guest(request, tmp_path_factory):
             pytest.fail(f"VM test prerequisite missing: {problem}")
         pytest.skip(problem)
     kdir = build_kernel(request)
-    script = GUEST_SCRIPT.format(kdir=kdir, delay_us=DELAY_US,
+    conformance = _build_conformance(kdir, tmp_path_factory.mktemp("conformance"))
+    script = GUEST_SCRIPT.format(kdir=kdir, delay_us=DELAY_US, conformance=conformance,
                                  upstream=" ".join(UPSTREAM_SELFTESTS))
     for attempt in (1, 2):
         share = tmp_path_factory.mktemp("vm")
@@ -144,6 +159,16 @@ def test_upstream_selftest_passes_in_the_vm(guest, name):
     log = _read(guest, f"upstream-{name}.log")
     assert _read(guest, f"upstream-{name}.rc").strip() == "0", log[-3000:]
     assert "SKIP" not in log, log[-3000:]
+
+
+def test_the_conformance_test_of_api_rst_passes(guest):
+    """tests/conformance: every check of a test written only from the
+    documentation passes, none skipped."""
+    log = _read(guest, "conformance.log")
+    assert _read(guest, "conformance.rc").strip() == "0", log[-4000:]
+    summary = re.search(r"^(\d+) passed, (\d+) failed$", log, re.M)
+    assert summary and int(summary.group(1)) >= 30 and summary.group(2) == "0", log[-4000:]
+    assert "not ok" not in log, log[-4000:]
 
 
 def _kernel_complaints(dmesg):
