@@ -4,8 +4,8 @@ kernel/config.fragment, under QEMU TCG with nested SVM), our KVM selftest
 and the upstream ones of userspace exits and the io bus pass, the kernel
 reports nothing (and would: a WARN provoked after the run is caught), and
 ioregtrace's ioregionfd rows equal the demo's own truth, with their
-latency beside the forwarded device's, and count the selftest's accesses
-to a device that went away once each.
+latency beside the forwarded device's, and count the selftest's
+interrupted accesses and those to a device that went away once each.
 
 One VM boot serves the whole module (kernel/vm.py); the kernel build is
 cached outside the checkout (kernel/build.sh)."""
@@ -49,10 +49,9 @@ done
     > $out/stat.log 2>&1; echo $? > $out/stat.rc
 # The conformance test written from api.rst alone (tests/conformance/).
 timeout 600 {conformance} > $out/conformance.log 2>&1; echo $? > $out/conformance.rc
-# ioregtrace on one of the selftest's cases (in a child process): accesses
-# to a device that went away.  (Not the signal cases: they run each KVM_RUN
-# on a new thread, and ioregtrace follows a vCPU by its thread.)
-for case in closes; do
+# ioregtrace on two of the selftest's cases (each in a child process):
+# accesses a signal interrupted, and accesses to a device that went away.
+for case in signal closes; do
     .venv/bin/ioregtrace stat --json -o $out/traced-$case.json -- \
         {kdir}/ioregionfd_test "$case" > $out/traced-$case.log 2>&1
     echo $? > $out/traced-$case.rc
@@ -216,6 +215,19 @@ def _selftest_rows(share, case):
             key = (r["space"], r["address"], r["size"], r["op"], r["path"])
             rows[key] = rows.get(key, 0) + r["count"]
     return rows
+
+
+def test_interrupted_accesses_are_counted_once(guest):
+    """The selftest's signal case: two vCPUs' reads on one channel
+    interrupted while waiting for their responses (one of them twice, and
+    answered while its vCPU was in userspace), a write waiting for its
+    acknowledgment, a PIO read: each counted once, as ioregionfd, never
+    again as kernel when it completes after re-entry."""
+    rows = _selftest_rows(guest, "signal")
+    assert rows == {("mmio", SELFTEST_MMIO + 0x30, 8, "read", "ioregionfd"): 1,
+                    ("mmio", SELFTEST_MMIO + 0x38, 8, "read", "ioregionfd"): 1,
+                    ("mmio", SELFTEST_MMIO + 0x50, 4, "write", "ioregionfd"): 1,
+                    ("pio", SELFTEST_PIO + 2, 2, "read", "ioregionfd"): 1}, rows
 
 
 def test_accesses_to_a_closed_device_are_counted_once(guest):
