@@ -1,7 +1,9 @@
 """The ioregtrace command line."""
 
 import json
+import os
 import sys
+import tempfile
 
 import click
 
@@ -60,13 +62,43 @@ def _render(recording, as_json, by):
             else stat_view.table(result))
 
 
+def check_output(path):
+    """Before tracing, not after: an output file that cannot be written
+    would lose everything traced.  Its directory must exist and take a new
+    file (a read-only file system refuses even root), or the file itself
+    must be writable."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a directory")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UserError(f"cannot write {path}: not writable")
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"cannot write {path}: no directory {directory}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".ioregtrace-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
 def _write(text, output):
+    """The result to `output`, or stdout.  If the file cannot be written
+    after all (its directory went away, the disk filled up), the result
+    still reaches the user: on stdout, with a line on stderr that says so."""
     if output:
-        with open(output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            with open(output, "w") as f:
+                f.write(text)
+            return
+        except OSError as e:
+            print(f"ioregtrace: cannot write {output} ({e.strerror}); the result follows "
+                  "on stdout", file=sys.stderr)
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 _by_option = click.option(
@@ -104,6 +136,7 @@ def stat(ctx, pids, duration, qmp, as_json, output, by):
     """
     from .session import Session
 
+    check_output(output)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp).start()
     try:
         session.wait()
@@ -137,6 +170,7 @@ def record(ctx, pids, duration, qmp, output, events, redact):
     from . import bundle
     from .session import Session
 
+    check_output(output)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
                       events=events).start()
     try:
@@ -144,7 +178,7 @@ def record(ctx, pids, duration, qmp, output, events, redact):
         recording = session.recording()
         recording.host = bundle.host_facts()
         recording.created = bundle.now_iso()
-        bundle.write(output, recording, redact=redact)
+        output = _write_bundle(bundle, output, recording, redact)
         n_events = len(recording.events.events) if recording.events else 0
         click.echo(f"ioregtrace: wrote {output}: {sum(recording.snapshot.accesses.values())} "
                    f"accesses, {len(recording.snapshot.accesses)} keys, {n_events} events",
@@ -152,6 +186,21 @@ def record(ctx, pids, duration, qmp, output, events, redact):
     finally:
         status = session.finish()
     ctx.exit(status)
+
+
+def _write_bundle(bundle, output, recording, redact):
+    """The bundle to `output`; if that fails after all, to a file of our
+    own in the temporary directory, and say where.  Returns the path."""
+    try:
+        bundle.write(output, recording, redact=redact)
+        return output
+    except OSError as e:
+        fd, fallback = tempfile.mkstemp(prefix="ioregtrace-", suffix=".bundle")
+        os.close(fd)
+        bundle.write(fallback, recording, redact=redact)
+        print(f"ioregtrace: cannot write {output} ({e.strerror}); wrote the bundle to "
+              f"{fallback} instead", file=sys.stderr)
+        return fallback
 
 
 @cli.command(context_settings=CONTEXT)
@@ -169,6 +218,7 @@ def report(bundle_file, as_json, by, list_events, output):
     from . import bundle
     from .views import events as events_view
 
+    check_output(output)
     recording = bundle.read(bundle_file)
     if list_events:
         text = events_view.render(recording, as_json)

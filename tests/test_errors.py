@@ -98,3 +98,45 @@ def test_missing_bcc_says_how_to_get_it(monkeypatch, capsys):
     assert exit_info.value.code == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "BCC python module" in line and "python3-bpfcc" in line
+
+
+# -o into a place that cannot be written: refused before anything is traced
+# (it used to fail with a traceback after tracing, and lose the result).
+
+@pytest.mark.parametrize("command", [("stat", "--json"), ("record",)])
+def test_unwritable_output_is_refused_before_tracing(tmp_path, command):
+    marker = tmp_path / "cmd-ran"
+    for target in (tmp_path / "no-such-dir" / "out", "/proc/ioregtrace-out"):
+        res = run_cli(*command, "-o", str(target), "--", "touch", str(marker))
+        assert f"cannot write {target}" in one_line_error(res)
+        assert not marker.exists(), "CMD ran although the output could not be written"
+
+
+def test_report_to_unwritable_output(tmp_path):
+    from test_bundle import sample_recording
+    from ioregtrace import bundle
+    path = tmp_path / "b.bundle"
+    bundle.write(str(path), sample_recording())
+    target = tmp_path / "no-such-dir" / "report.txt"
+    line = one_line_error(run_cli("report", str(path), "-o", str(target)))
+    assert f"cannot write {target}" in line
+
+
+def test_a_result_that_cannot_be_written_after_all_goes_to_stdout(tmp_path, capsys):
+    target = tmp_path / "gone" / "out.json"
+    cli._write("the result\n", str(target))        # its directory went away meanwhile
+    out, err = capsys.readouterr()
+    assert out == "the result\n"
+    assert f"cannot write {target}" in err and "stdout" in err
+
+
+def test_a_bundle_that_cannot_be_written_after_all_goes_to_a_file_of_ours(tmp_path, capsys):
+    from test_bundle import sample_recording
+    from ioregtrace import bundle
+    target = tmp_path / "gone" / "x.bundle"
+    written = cli._write_bundle(bundle, str(target), sample_recording(), redact=False)
+    try:
+        assert written != str(target) and bundle.read(written).snapshot.accesses
+        assert f"wrote the bundle to {written}" in capsys.readouterr().err
+    finally:
+        os.unlink(written)
