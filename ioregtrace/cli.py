@@ -46,8 +46,9 @@ def _target_options(f):
     f = click.option("-p", "--pid", "pids", type=int, multiple=True, metavar="PID",
                      help="Trace this VMM process (repeatable). Default: every KVM VM.")(f)
     f = click.option("-d", "--duration", type=float, metavar="SECONDS",
-                     help="Stop after SECONDS. Default: until CMD or the -p processes "
-                          "exit, or Ctrl-C.")(f)
+                     help="Stop after SECONDS and report; with -- CMD, then end CMD (a QEMU "
+                          "is quit over QMP, anything else gets SIGTERM). Default: until CMD "
+                          "or the -p processes exit, or Ctrl-C.")(f)
     f = click.option("--qmp", type=click.Path(dir_okay=False), metavar="SOCKET",
                      help="With one -p: that QEMU's QMP unix socket, for its region names "
                           "as they were at attach.")(f)

@@ -89,6 +89,7 @@ class Session:
         self._layout_mark = None
         self.started = None
         self.stopped = None
+        self.stop_signal = None        # the signal that ended the session, if one did
         self.exit_status = 0
 
     # -- starting -----------------------------------------------------------
@@ -188,7 +189,10 @@ class Session:
         land anywhere, including inside BCC's ring-buffer callback, where
         ctypes swallows it and the Ctrl-C would be lost."""
         stop = threading.Event()
-        handler = lambda signum, frame: stop.set()   # noqa: E731
+
+        def handler(signum, frame):
+            self.stop_signal = signum
+            stop.set()
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield stop
@@ -266,21 +270,54 @@ class Session:
                 unavailable["uprobe:flatview_add_to_dispatch"] = note
         return {"attached": attached, "unavailable": unavailable}
 
+    # How long CMD may take to end by itself after a stop (Ctrl-C at a
+    # terminal reaches it too), and then after we end it, before SIGKILL.
+    GRACE_S = 2.0
+    END_S = 10.0
+
     def finish(self):
-        """After reporting: collect CMD's exit status (CMD got the same
-        Ctrl-C from the terminal; give it a moment to exit)."""
+        """After reporting: CMD never outlives the session.  When the session
+        ended before CMD did (a signal, -d), CMD gets a moment to end by
+        itself (Ctrl-C at a terminal reached it too), then is ended: a QEMU
+        we wrapped is quit over QMP (with our -no-shutdown it would otherwise
+        wait, paused, for a QMP socket that is about to go away), anything
+        else gets the signal that stopped us (SIGTERM after -d), and SIGKILL
+        if it is still there after END_S.  The exit status is CMD's, or
+        128 + the signal that stopped us."""
         if self.child is not None:
+            if self.child.poll() is None:
+                self._end_command()
             try:
-                self.exit_status = self.child.wait(timeout=None if self.duration else 10)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                self.exit_status = 130
+                self.exit_status = self.child.wait()
+            except KeyboardInterrupt:
+                self.child.kill()
+                self.exit_status = self.child.wait()
             if self.exit_status < 0:      # killed by a signal: shell convention
                 self.exit_status = 128 - self.exit_status
+            if self.stop_signal is not None:
+                self.exit_status = 128 + self.stop_signal
         for control in self.controls:
             control.close()
         if self.tracer is not None:
             self.tracer.close()
         return self.exit_status
+
+    def _end_command(self):
+        try:
+            self.child.wait(timeout=self.GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        why = "interrupted" if self.stop_signal is not None else "-d elapsed"
+        self.log(f"{why}: ending {self.cmd[0]} (pid {self.child.pid})")
+        if not any(c.pid == self.child.pid and c.quit() for c in self.controls):
+            self.child.send_signal(self.stop_signal or signal.SIGTERM)
+        try:
+            self.child.wait(timeout=self.END_S)
+        except subprocess.TimeoutExpired:
+            self.log(f"{self.cmd[0]} (pid {self.child.pid}) did not end in "
+                     f"{self.END_S:g} s; killing it")
+            self.child.kill()
 
     @property
     def elapsed(self):

@@ -199,6 +199,15 @@ class QemuControl:
         except QmpError:
             pass          # it is exiting either way
 
+    def quit(self):
+        """Make QEMU exit now (the session was stopped before it).  False
+        if there is no QMP connection to ask over."""
+        with self._lock:
+            if self.qmp is None or self.qmp.closed:
+                return False
+            self._quit()
+            return True
+
     def version_string(self):
         v = self.version or {}
         return "{major}.{minor}.{micro}".format(**v) if {"major", "minor", "micro"} <= set(v) \

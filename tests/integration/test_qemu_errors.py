@@ -129,3 +129,32 @@ def test_attach_without_qmp_says_why_names_are_missing(running_qemu, tmp_path):
     doc = load_json(out)
     assert doc["rows"]
     assert any("no --qmp socket given" in n for n in doc["notes"]), doc["notes"]
+
+
+def test_sigterm_to_ioregtrace_quits_a_wrapped_qemu(tracing_host, tmp_path):
+    """Issue 16, defect 1: `kill` of `ioregtrace stat -- qemu ...` used to
+    leave QEMU running, paused at the guest's shutdown forever (our
+    -no-shutdown) with our QMP socket gone.  Now the counts are written with
+    QEMU's region names, QEMU is quit over QMP, and the status is 143."""
+    from conftest import Watched, IOREGTRACE
+    kernel, marker, out = tmp_path / "guest.bin", tmp_path / "running", tmp_path / "stat.json"
+    kernel.write_bytes(g.bar_move_guest(keep_running=True))
+    stat = Watched([IOREGTRACE, "stat", "--json", "-o", str(out), "--", QEMU,
+                    *g.running_args(kernel, marker)], start_new_session=True)
+    try:
+        line = stat.wait_for("tracing ", timeout=60)
+        qemu_pid = int(line.split("(pid ")[1].split(")")[0])
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and g.RUNNING_MARK in marker.read_text()):
+            assert time.monotonic() < deadline, "the guest never ran"
+            time.sleep(0.05)
+        stat.proc.terminate()
+        assert stat.finish(timeout=60) == 143, stat.lines
+    finally:
+        stat.kill()
+    deadline = time.monotonic() + 15
+    while os.path.exists(f"/proc/{qemu_pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{qemu_pid}"), "QEMU outlived ioregtrace"
+    doc = load_json(out)
+    assert any(r["region"] == "pci-testdev-mmio" for r in doc["rows"]), doc["rows"][:5]

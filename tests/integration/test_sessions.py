@@ -3,6 +3,7 @@ Ctrl-C / SIGTERM still printing what was gathered, -d."""
 
 import collections
 import signal
+import time
 import subprocess
 
 import pytest
@@ -102,3 +103,58 @@ def test_other_vms_are_not_counted(tracing_host, tmp_path):
     finally:
         busy.kill()
         busy.wait()
+
+
+def _process_gone(pid, timeout=15):
+    """True once `pid` has exited (reaped or a zombie of a gone parent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_ioregtrace_alone_ends_cmd_too(tracing_host, tmp_path, sig):
+    """A signal sent to ioregtrace only (as a service manager or `kill`
+    does, unlike Ctrl-C at a terminal, which reaches CMD too): the table is
+    still written, CMD does not outlive ioregtrace, and the exit status is
+    128 + the signal.  CMD used to be left running, and ioregtrace exited
+    130 after waiting 10 s."""
+    out = tmp_path / "stat.json"
+    stat = Watched([IOREGTRACE, "stat", "--json", "-o", str(out), "--",
+                    IOREGTRACE, "demo", "--scale", "0", "--set", "doorbell=100000",
+                    "--repeat", "100000"], start_new_session=True)
+    try:
+        line = stat.wait_for("tracing ")
+        demo_pid = int(line.split("(pid ")[1].split(")")[0])
+        time.sleep(3)              # the demo's VM runs its doorbells by then
+        stat.proc.send_signal(sig)
+        assert stat.finish() == 128 + sig, stat.lines
+    finally:
+        stat.kill()
+    assert _process_gone(demo_pid), f"the demo (pid {demo_pid}) outlived ioregtrace"
+    rows = load_json(out)["rows"]
+    assert any(r["pid"] == demo_pid and r["path"] == "ioeventfd" for r in rows), rows
+
+
+def test_duration_with_cmd_reports_then_ends_cmd(tracing_host, tmp_path):
+    """Issue 16, defect 3: `-d` with `-- CMD` reports at -d, then ends CMD
+    (it used to wait, silent, for CMD to exit by itself)."""
+    out = tmp_path / "stat.json"
+    started = time.monotonic()
+    res = run_cli("stat", "-d", "3", "--json", "-o", str(out), "--", IOREGTRACE, "demo",
+                  "--scale", "0", "--set", "doorbell=100000", "--repeat", "100000", timeout=60)
+    took = time.monotonic() - started
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr     # CMD's: it got SIGTERM
+    assert "-d elapsed: ending" in res.stderr, res.stderr
+    assert took < 20, took
+    doc = load_json(out)
+    assert 3.0 <= doc["duration_s"] < 6.0 and doc["rows"], doc["duration_s"]
+    demo_pid = doc["rows"][0]["pid"]
+    assert _process_gone(demo_pid), f"the demo (pid {demo_pid}) outlived ioregtrace"
