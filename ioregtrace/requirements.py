@@ -4,6 +4,8 @@ tracer runs the same checks before loading and fails with the first one
 missing, naming the fix."""
 
 import os
+import platform
+import re
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -27,6 +29,14 @@ TRACEPOINTS = (
     ("sched", "sched_process_fork", True),
     ("sched", "sched_process_exit", True),
 )
+
+# Why an optional tracepoint may be absent, in `doctor`'s words.
+_IOREGION_WHY = "optional: only kernels with the ioregionfd series of kernel/ have it"
+OPTIONAL_WHY = {
+    "kvm_fast_mmio": "optional: fires only on VMX's EPT-misconfig fast MMIO path",
+    "kvm_ioregion_send": _IOREGION_WHY,
+    "kvm_ioregion_response": _IOREGION_WHY,
+}
 
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
@@ -114,11 +124,13 @@ def check_tracepoints():
         else:
             detail = "absent from this kernel"
         fix = ("mount debugfs/tracefs (ioregtrace doctor --fix)" if not root else
+               "a kernel built from kernel/ (make kernel)" if event.startswith("kvm_ioregion")
+               else "nothing to do on this host" if event in OPTIONAL_WHY else
                "load kvm (modprobe kvm_intel or kvm_amd)" if subsystem == "kvm" else
                "a kernel built with CONFIG_FTRACE_SYSCALLS" if subsystem == "syscalls" else
                "a kernel with tracepoints enabled")
-        if not required:
-            detail += " (optional: VMX fast MMIO path only)" if not ok else ""
+        if not required and not ok:
+            detail += f" ({OPTIONAL_WHY[event]})"
         checks.append(Check(f"tracepoint {subsystem}:{event}", ok, detail,
                             fix=fix, required=required))
     return checks
@@ -148,7 +160,7 @@ def _install_headers():
 def check_headers():
     path, how = headers.find(build=False)
     if path:
-        return Check("kernel headers for BCC", True, f"{path} ({how})")
+        return Check("kernel headers for BCC", True, f"{path} ({how}){_other_kernel(path)}")
     if os.environ.get("BCC_KERNEL_SOURCE"):
         return Check("kernel headers for BCC", False, how,
                      fix="unset BCC_KERNEL_SOURCE, or point it at a kernel header tree")
@@ -160,6 +172,18 @@ def check_headers():
                  fix="apt-get install linux-headers-6.12.<N>+deb12-amd64 "
                      "(ioregtrace doctor --fix does it)",
                  fixer=_install_headers)
+
+
+def _other_kernel(path):
+    """Say so when the header tree is of another kernel than the running
+    one: it works (the program reads tracepoint arguments only), but a user
+    comparing versions should not have to wonder."""
+    found = re.search(r"(\d+\.\d+)\.", os.path.basename(path.rstrip("/")))
+    running = re.match(r"(\d+\.\d+)", platform.release())
+    if found and running and found.group(1) != running.group(1):
+        return (f"; headers of Linux {found.group(1)}, running {running.group(1)}: fine, "
+                "the program uses tracepoint arguments only")
+    return ""
 
 
 def check_kvm_device():

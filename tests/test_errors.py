@@ -140,3 +140,24 @@ def test_a_bundle_that_cannot_be_written_after_all_goes_to_a_file_of_ours(tmp_pa
         assert f"wrote the bundle to {written}" in capsys.readouterr().err
     finally:
         os.unlink(written)
+
+
+def test_doctor_says_why_optional_tracepoints_may_be_absent(monkeypatch):
+    """Issue 16, defect 10: the ioregionfd tracepoints were described as
+    "VMX fast MMIO path only, modprobe kvm_intel"."""
+    monkeypatch.setattr(requirements, "tracing_root", lambda: "/sys/kernel/tracing")
+    monkeypatch.setattr(requirements, "tracepoint_exists",
+                        lambda subsystem, event: not event.startswith("kvm_ioregion"))
+    checks = {c.name: c for c in requirements.check_tracepoints()}
+    for name in ("kvm_ioregion_send", "kvm_ioregion_response"):
+        c = checks[f"tracepoint kvm:{name}"]
+        assert not c.ok and not c.required
+        assert "ioregionfd series of kernel/" in c.detail and "VMX" not in c.detail, c.detail
+        assert "kernel/" in c.fix and "modprobe" not in c.fix, c.fix
+
+
+def test_doctor_says_when_headers_are_of_another_kernel(monkeypatch):
+    monkeypatch.setattr(requirements.platform, "release", lambda: "6.18.44-custom")
+    note = requirements._other_kernel("/var/cache/x/linux-headers-6.12.117+deb12-amd64")
+    assert "Linux 6.12, running 6.18" in note
+    assert requirements._other_kernel("/var/cache/x/linux-headers-6.18.1-amd64") == ""
