@@ -24,7 +24,15 @@ class _PassThrough(click.Command):
                 raise click.UsageError("`--` must be followed by a command", ctx)
         else:
             ctx.meta["cmd"] = []
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if "unexpected extra argument" in e.message:
+                e.message += "; a command to run goes after `--`"
+            raise
+
+    def collect_usage_pieces(self, ctx):
+        return super().collect_usage_pieces(ctx) + ["[-- CMD [ARGS]...]"]
 
 
 @click.group(context_settings=CONTEXT)
@@ -351,7 +359,7 @@ def _serve_until_stopped(session, duration):
 
 def top_main():
     """The `ioregtop` console script: `ioregtrace top` under its own name."""
-    main(["top"] + sys.argv[1:])
+    main(sys.argv[1:], command=top, prog_name="ioregtop")
 
 
 def _parse_counts(values):
@@ -443,11 +451,11 @@ def doctor(fix):
         raise SystemExit(1)
 
 
-def main(argv=None):
+def main(argv=None, command=None, prog_name="ioregtrace"):
     """Entry point: every failure the user can cause or fix is one line on
     stderr, never a traceback.  Usage errors exit 2, everything else 1."""
     try:
-        status = cli.main(args=argv, prog_name="ioregtrace", standalone_mode=False)
+        status = (command or cli).main(args=argv, prog_name=prog_name, standalone_mode=False)
         sys.exit(status or 0)
     except click.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""

@@ -161,3 +161,26 @@ def test_doctor_says_when_headers_are_of_another_kernel(monkeypatch):
     note = requirements._other_kernel("/var/cache/x/linux-headers-6.12.117+deb12-amd64")
     assert "Linux 6.12, running 6.18" in note
     assert requirements._other_kernel("/var/cache/x/linux-headers-6.18.1-amd64") == ""
+
+
+@pytest.mark.parametrize("command", ["stat", "record", "serve", "top"])
+def test_usage_shows_the_command_to_run(command):
+    """Issue 16, defect 14: the usage lines did not show `-- CMD`, and a
+    command without `--` got "Got unexpected extra arguments" alone."""
+    res = run_cli(command, "--help")
+    assert res.returncode == 0
+    assert res.stdout.splitlines()[0] == \
+        f"Usage: ioregtrace {command} [OPTIONS] [-- CMD [ARGS]...]", res.stdout
+    extra = ["-o", "x.bundle"] if command == "record" else []
+    line = one_line_error(run_cli(command, *extra, "qemu-system-x86_64"), code=2)
+    assert "a command to run goes after `--`" in line
+
+
+def test_ioregtop_help_says_ioregtop():
+    ioregtop = os.path.join(os.path.dirname(IOREGTRACE), "ioregtop")
+    import subprocess
+    res = subprocess.run([ioregtop, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    assert res.stdout.splitlines()[0] == "Usage: ioregtop [OPTIONS] [-- CMD [ARGS]...]"
+    res = subprocess.run([ioregtop, "--bogus"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "(see `ioregtop --help`)" in res.stderr, res.stderr
