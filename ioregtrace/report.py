@@ -165,22 +165,46 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
         if qemu.assumed:
             all_notes.append("QEMU handler calls for " + ", ".join(sorted(qemu.assumed)) +
                              " assume the region's accepts() callback let each access in")
-    for r in rows:
-        if r.qemu_calls is None or r.qemu_calls == r.count:
-            continue
-        what = f"{r.count} {r.key.op}(s) of {r.region}"
-        sizes = dict(sorted(r.sizes.items()))
-        if r.qemu_rejected:
-            all_notes.append(f"QEMU refused {r.qemu_rejected} piece(s) of {what} without "
-                             f"calling its handler (access sizes {sizes} not accepted)")
-        if r.qemu_calls > r.count - (r.qemu_rejected or 0):
-            all_notes.append(f"QEMU split {what} into {r.qemu_calls} calls of its handler "
-                             f"(access sizes {sizes} wider than it implements)")
+    all_notes.extend(_handler_notes(named))
     # Raw events lost in event mode are lost events too.
     return Report(duration_s=duration_s, rows=rows,
                   lost_events=c.get("lost_events", 0) + c.get("lost_raw_events", 0),
                   dropped_keys=c.get("dropped_accesses", 0), diagnostics=dict(c),
                   notes=all_notes, by=mode)
+
+
+def _handler_notes(named):
+    """One note per VM, region, op and cause where QEMU's handler calls
+    differ from the accesses: the sizes it refused, and the sizes it split
+    (only those: a 1-byte access to a 1-byte handler is not split), however
+    many addresses or rows (`--by address`) the accesses spread over."""
+    seen = {}
+    for vm, key, count, region, calls in named:
+        if calls[0] is None:
+            continue
+        n = seen.setdefault((vm, region, key.op), {
+            "count": 0, "calls": 0, "rejected": 0,
+            "refused": collections.Counter(), "split": collections.Counter()})
+        rejected = calls[1] or 0
+        n["count"] += count
+        n["calls"] += calls[0]
+        n["rejected"] += rejected
+        if rejected:
+            n["refused"][key.size] += count
+        if calls[0] > count - rejected:
+            n["split"][key.size] += count
+    notes = []
+    for (_vm, region, op), n in sorted(seen.items(), key=lambda i: (i[0][0], str(i[0][1]),
+                                                                 i[0][2])):
+        what = f"{n['count']} {op}(s) of {region}"
+        if n["refused"]:
+            notes.append(f"QEMU refused {n['rejected']} piece(s) of {what} without calling "
+                         f"its handler (access sizes {dict(sorted(n['refused'].items()))} "
+                         "not accepted)")
+        if n["split"]:
+            notes.append(f"QEMU split {what} into {n['calls']} calls of its handler (access "
+                         f"sizes {dict(sorted(n['split'].items()))} wider than it implements)")
+    return notes
 
 
 # BPF counters that need a sentence when they are not zero.

@@ -280,3 +280,25 @@ def test_report_by_address_keeps_one_row_per_address_and_region():
     rep = report.build(snap, 1.0, vm_regions={1: QemuRegions(h)}, by="address")
     assert sorted((r.region, r.count) for r in rep.rows) == [("edu", 7), ("testdev", 10)]
     assert all(r.qemu_calls is None for r in rep.rows)      # ops unknown: not guessed
+
+
+def test_one_note_per_region_and_cause_with_only_the_sizes_concerned():
+    """Issue 16, defect 5: `stat --by address` on SeaBIOS printed a note per
+    address (16,617 for vga-lowmem), and named 1-byte accesses to a 1-byte
+    handler among those "wider than it implements"."""
+    h = history_with_move()
+    qemu = QemuRegions(h, {0x100: O(impl=(1, 1)), 0x300: O(valid=(4, 8), impl=(4, 8))})
+    accesses = {}
+    for i in range(100):            # testdev (1-byte handler): 1- and 2-byte writes
+        accesses[key(0x1000 + 2 * i, 1, Op.WRITE, size=1)] = 3
+        accesses[key(0x1000 + 2 * i, 1, Op.WRITE, size=2)] = 2
+    accesses[key(0x1000, 3, Op.WRITE, size=1)] = 5      # edu refuses 1-byte writes
+    accesses[key(0x1001, 3, Op.WRITE, size=1)] = 4
+    for by in ("address", "region"):
+        rep = report.build(snapshot_for(accesses), 1.0, vm_regions={1: qemu}, by=by)
+        split = [n for n in rep.notes if n.startswith("QEMU split")]
+        assert split == ["QEMU split 500 write(s) of testdev into 700 calls of its handler "
+                         "(access sizes {2: 200} wider than it implements)"], split
+        refused = [n for n in rep.notes if n.startswith("QEMU refused")]
+        assert refused == ["QEMU refused 9 piece(s) of 9 write(s) of edu without calling its "
+                           "handler (access sizes {1: 9} not accepted)"], refused
