@@ -277,6 +277,11 @@ def top(ctx, pids, duration, qmp, interval):
     ctx.exit(0 if quit_pressed else status)
 
 
+def metrics_url(host, port):
+    """The URL to scrape (an IPv6 address in brackets)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
 def _listen_address(text):
     host, sep, port = text.rpartition(":")
     if not sep:
@@ -330,7 +335,7 @@ def serve(ctx, pids, duration, qmp, listen, by, max_series, grace):
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         if host not in ("127.0.0.1", "::1", "localhost"):
             session.log(f"warning: serving on {host}:{port}, reachable from the network")
-        session.log(f"serving http://{host}:{port}/metrics; Ctrl-C to stop")
+        session.log(f"serving {metrics_url(host, port)}; Ctrl-C to stop")
         _serve_until_stopped(session, duration)
         server.shutdown()
     finally:

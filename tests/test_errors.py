@@ -184,3 +184,11 @@ def test_ioregtop_help_says_ioregtop():
     assert res.stdout.splitlines()[0] == "Usage: ioregtop [OPTIONS] [-- CMD [ARGS]...]"
     res = subprocess.run([ioregtop, "--bogus"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "(see `ioregtop --help`)" in res.stderr, res.stderr
+
+
+def test_metrics_url_brackets_an_ipv6_address():
+    """Issue 16, defect 13: `serve --listen [::1]:9860` printed
+    http://::1:9860/metrics."""
+    assert cli.metrics_url("::1", 9860) == "http://[::1]:9860/metrics"
+    assert cli.metrics_url("127.0.0.1", 9860) == "http://127.0.0.1:9860/metrics"
+    assert cli._listen_address("[::1]:9861") == ("::1", 9861)

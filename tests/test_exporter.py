@@ -26,11 +26,11 @@ class FakeSession:
         self.vms = {}
         self.accesses = {}
         self.latencies = {}
+        self.counters = {"lost_events": 0, "dropped_accesses": 0}
 
     def recording(self, live=False):
         snap = RawSnapshot(taken=0.0, vms=dict(self.vms), accesses=dict(self.accesses),
-                           latencies=dict(self.latencies),
-                           counters={"lost_events": 0, "dropped_accesses": 0})
+                           latencies=dict(self.latencies), counters=dict(self.counters))
         return Recording(snapshot=snap, duration_s=1.0)
 
 
@@ -143,3 +143,15 @@ def test_dashboard_json_is_what_build_py_generates():
     for needed in ("by dispatch path", "by region", "Userspace share", "p50 / p99",
                    "heatmap", "ioregionfd candidates", "Lost events"):
         assert needed in titles
+
+
+def test_every_counter_of_the_tracer_is_exported():
+    """Issue 16, defect 4: dropped latency samples (and the other drops)
+    were not exported at all."""
+    from ioregtrace.probes import COUNTERS
+    session = FakeSession()
+    session.counters = {name: i + 1 for i, name in enumerate(COUNTERS)}
+    samples = scrape(exporter.Exporter(session))
+    got = {dict(labels)["counter"]: v for (name, labels), v in samples.items()
+           if name == "ioregtrace_diagnostics_total"}
+    assert got == {name: float(i + 1) for i, name in enumerate(COUNTERS)}

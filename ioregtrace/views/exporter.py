@@ -29,12 +29,13 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 from .. import __version__, histogram
 from ..keys import Path
+from ..probes import COUNTERS
 from ..recording import render
 from ..report import merge_stats
 
 OTHER = "other"
 # Histogram buckets: the kernel's log2 octaves (its 8 sub-buckets summed), in
-# seconds: 2 us .. 137 s.
+# seconds: 1.024 us .. 137 s.
 BUCKET_SLOTS = [((octave + 1) << histogram.SUB_BITS) - 1
                 for octave in range(histogram.SLOTS >> histogram.SUB_BITS)]
 
@@ -171,6 +172,14 @@ class Exporter:
         dropped = CounterMetricFamily("ioregtrace_dropped_keys", "Accesses not counted "
                                       "because the tracer's accesses map was full.")
         dropped.add_metric([], rep.dropped_keys)
+        # Every counter of the BPF side, so that no drop goes unseen (the
+        # latency map's, the registration tables', the VM table's, ...).
+        diagnostics = CounterMetricFamily(
+            "ioregtrace_diagnostics", "The tracer's own counters (README, Diagnostics): "
+            "accesses, samples and events it dropped or could not attribute.",
+            labels=["counter"])
+        for name in COUNTERS:
+            diagnostics.add_metric([name], rep.diagnostics.get(name, 0))
         vms = GaugeMetricFamily("ioregtrace_vms", "VMM processes traced and running.")
         vms.add_metric([], sum(1 for s, i in self._vms.items()
                                if not i.exited_ns and s not in self.dropped_vms))
@@ -180,7 +189,7 @@ class Exporter:
         info = InfoMetricFamily("ioregtrace_build", "ioregtrace version and host.")
         info.add_metric([], {"version": __version__, "kernel": platform.release(),
                              "bcc": _bcc_version()})
-        return [accesses, latency, direct, lost, dropped, vms, folded, info]
+        return [accesses, latency, direct, lost, dropped, diagnostics, vms, folded, info]
 
     def _forget_dropped(self):
         """Series of VMs past their grace period leave; what they had folded
