@@ -24,6 +24,11 @@ from .recording import Recording, VmFacts
 FORMAT = "ioregtrace-bundle"
 VERSION = 1
 MAX_BYTES = 1 << 30          # decompressed
+# A bundle is JSON, which gzip shrinks 5-30 times; far more is a bomb, which
+# is rejected as soon as it passes this ratio (plus a floor for small files).
+MAX_RATIO = 200
+MIN_LIMIT = 64 << 20
+CHUNK = 1 << 20
 U64 = (1 << 64) - 1
 SPACES = {str(s): s for s in Space}
 KINDS = ("ioeventfd", "coalesced")
@@ -62,7 +67,7 @@ def to_doc(rec, redact=False):
         facts = rec.vms.get(serial, VmFacts(serial))
         vms.append({
             "serial": serial, "pid": info.pid, "comm": info.comm, "complete": info.complete,
-            "name": facts.name, "qemu_version": facts.qemu_version,
+            "name": None if redact else facts.name, "qemu_version": facts.qemu_version,
             "cmdline": None if redact else facts.cmdline,
             "layout": _history(facts.history),
             "region_ops": [[mr, o.valid_min, o.valid_max, o.valid_unaligned, o.has_accepts,
@@ -178,12 +183,17 @@ def _bool(c, v):
     return v
 
 
+# Control characters (C0, DEL, C1) that a terminal would act on: a bundle's
+# text is shown, never obeyed (ESC could clear or recolour the screen).
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
 def _str(c, v, optional=False, maxlen=4096):
     if v is None and optional:
         return None
     if not isinstance(v, str) or len(v) > maxlen:
         c.fail("expected a string")
-    return v
+    return v.translate(_CONTROLS)
 
 
 def _num(c, v):
@@ -389,14 +399,20 @@ def _events_from(c, v):
 def read(path):
     """A Recording from a bundle file, or BundleError."""
     try:
+        limit = min(MAX_BYTES, max(MIN_LIMIT, MAX_RATIO * os.path.getsize(path)))
+        chunks, total = [], 0
         with gzip.open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+            while chunk := f.read(CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise BundleError(f"{path}: more than {limit >> 20} MiB uncompressed "
+                                      f"(over {MAX_RATIO} times its size): not a bundle")
+                chunks.append(chunk)
+        data = b"".join(chunks)
     except FileNotFoundError:
         raise BundleError(f"{path}: no such file") from None
     except (OSError, EOFError, zlib.error) as e:
         raise BundleError(f"{path}: not a readable gzip file ({e})") from None
-    if len(data) > MAX_BYTES:
-        raise BundleError(f"{path}: larger than {MAX_BYTES >> 20} MiB uncompressed")
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as e:     # UnicodeDecodeError is a ValueError

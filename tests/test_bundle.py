@@ -79,6 +79,7 @@ def test_redact_drops_command_lines_and_host_names(tmp_path):
     bundle.write(path, sample_recording(), redact=True)
     back = bundle.read(path)
     assert back.vms[1].cmdline is None and back.host["hostname"] is None
+    assert back.vms[1].name is None        # issue 16, defect 11: the VM name stayed
     raw = gzip.open(path).read().decode()
     assert "qemu-system-x86_64\"" not in raw and "h1" not in raw
 
@@ -209,3 +210,48 @@ def test_non_finite_duration_is_refused(tmp_path):
     with gzip.open(path, "wb") as f:
         f.write(json.dumps(doc, allow_nan=True).encode())
     expect_error(path, "duration_s: expected a finite number")
+
+
+def test_text_from_a_bundle_cannot_drive_the_terminal(tmp_path):
+    """Issue 16, defect 11: report printed bundle strings raw, so a bundle
+    could clear or recolour the reader's terminal."""
+    rec = sample_recording()
+    rec.vms[1].name = "evil\x1b[2J\x1b]0;pwned\x07"
+    rec.notes = ["note \x1b[31mred\x9b"]
+    path = tmp_path / "b.bundle"
+    bundle.write(path, rec)
+    back = bundle.read(path)
+    json_text, table = rendered(back)
+    for text in (table, "\n".join(back.notes), back.vms[1].name):
+        assert not any(ord(ch) < 0x20 and ch != "\n" or 0x7f <= ord(ch) < 0xa0
+                       for ch in text), repr(text)
+    assert "evil\\x1b[2J" in back.vms[1].name
+
+
+def test_a_gzip_bomb_is_refused_early_and_in_bounded_memory(tmp_path):
+    """Issue 16, defect 11: a 2 MB gzip bomb was inflated to 1 GB before it
+    was refused.  Now reading stops at MAX_RATIO times the file's size (or
+    the floor), in a process that stays far below the bomb's size."""
+    import subprocess
+    import sys
+    import zlib
+    path = tmp_path / "bomb.bundle"
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)      # gzip container
+    with open(path, "wb") as f:
+        chunk = b" " * (1 << 20)
+        for _ in range(600):                        # 600 MiB of spaces
+            f.write(z.compress(chunk))
+        f.write(z.flush())
+    assert path.stat().st_size < (4 << 20)
+    code = ("import resource, sys\n"
+            "from ioregtrace import bundle\n"
+            "try:\n"
+            "    bundle.read(sys.argv[1])\n"
+            "except bundle.BundleError as e:\n"
+            "    print(e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    message, maxrss_kb = res.stdout.strip().splitlines()
+    assert "uncompressed" in message and "not a bundle" in message, message
+    assert int(maxrss_kb) < 250 << 10, f"{int(maxrss_kb) >> 10} MiB to refuse a bomb"
