@@ -61,11 +61,20 @@ def _link_tree(src, dst):
         dirs[:] = [d for d in dirs if d not in linked_dirs]
 
 
+def _readable_by_all(dest):
+    """Public headers, for every user BCC runs as: a tree merged 0700 (by an
+    older version) is opened up by whoever owns it."""
+    st = os.stat(dest)
+    if st.st_mode & 0o055 != 0o055 and st.st_uid == os.getuid():
+        os.chmod(dest, 0o755)
+
+
 def merged_tree(flavour_dir, common_dir, cache_dir=CACHE_DIR):
     """The merged tree for one package pair, built once.  Built in a
     temporary directory and renamed, so a half-built tree is never used."""
     dest = os.path.join(cache_dir, "kernel-headers", os.path.basename(flavour_dir))
     if os.path.exists(os.path.join(dest, STAMP)):
+        _readable_by_all(dest)
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(dest))
@@ -74,6 +83,8 @@ def merged_tree(flavour_dir, common_dir, cache_dir=CACHE_DIR):
         _link_tree(flavour_dir, tmp)
         with open(os.path.join(tmp, STAMP), "w") as f:
             f.write(f"{common_dir}\n{flavour_dir}\n")
+        # mkdtemp makes it 0700: public headers, for every user BCC runs as
+        os.chmod(tmp, 0o755)
         if os.path.exists(dest):
             shutil.rmtree(dest)
         os.rename(tmp, dest)
@@ -108,7 +119,11 @@ def find(build=True):
     flavour, common = pairs[0]
     dest = os.path.join(CACHE_DIR, "kernel-headers", os.path.basename(flavour))
     if os.path.exists(os.path.join(dest, STAMP)):
+        _readable_by_all(dest)
         return dest, f"merged from {os.path.basename(flavour)}"
+    if os.path.isdir(dest) and not os.access(dest, os.R_OK | os.X_OK):
+        return None, (f"merged in {dest}, but uid {os.getuid()} cannot read it "
+                      f"(chmod 0755 {dest}, or run as root)")
     if not build:
         return None, f"{os.path.basename(flavour)} is installed but not merged yet"
     return merged_tree(flavour, common), f"merged from {os.path.basename(flavour)}"

@@ -3,6 +3,7 @@ to fix the ones a program can fix.  `ioregtrace doctor` prints these; the
 tracer runs the same checks before loading and fails with the first one
 missing, naming the fix."""
 
+import errno
 import os
 import platform
 import re
@@ -96,14 +97,31 @@ def tracing_root():
     return None
 
 
+def _unreadable(path):
+    """A mounted debugfs/tracefs this user may not read (both are root-only,
+    mode 0700, by default): BCC cannot read the tracepoints' formats."""
+    return not os.access(path, os.R_OK | os.X_OK)
+
+
+def _who_cannot(path):
+    st = os.stat(path)
+    return (f"mounted, but uid {os.getuid()} cannot read it (mode {st.st_mode & 0o777:04o}, "
+            f"owner uid {st.st_uid})")
+
+
 def check_mounts():
     checks = []
     for fstype, path in (("debugfs", DEBUGFS), ("tracefs", TRACEFS)):
-        ok = _is_mounted(path, fstype)
-        checks.append(Check(f"{fstype} mounted at {path}", ok,
-                            "mounted" if ok else "not mounted",
+        mounted = _is_mounted(path, fstype)
+        if mounted and _unreadable(path):
+            checks.append(Check(f"{fstype} mounted at {path}", False, _who_cannot(path),
+                                fix=f"run as root, or let this user read it "
+                                    f"(mount -o remount,mode=0755 {path})"))
+            continue
+        checks.append(Check(f"{fstype} mounted at {path}", mounted,
+                            "mounted" if mounted else "not mounted",
                             fix=f"mount -t {fstype} none {path}",
-                            fixer=None if ok else (lambda t=fstype, p=path: _mount(t, p))))
+                            fixer=None if mounted else (lambda t=fstype, p=path: _mount(t, p))))
     return checks
 
 
@@ -119,11 +137,15 @@ def check_tracepoints():
         ok = bool(root) and tracepoint_exists(subsystem, event)
         if ok:
             detail = "present"
+        elif not root and _is_mounted(TRACEFS, "tracefs") and _unreadable(TRACEFS):
+            detail = "cannot tell: this user cannot read tracefs"
         elif not root:
             detail = "cannot tell: tracefs is not mounted"
         else:
             detail = "absent from this kernel"
-        fix = ("mount debugfs/tracefs (ioregtrace doctor --fix)" if not root else
+        fix = ("run as root, or make tracefs readable (see its check above)"
+               if not root and detail.endswith("cannot read tracefs") else
+               "mount debugfs/tracefs (ioregtrace doctor --fix)" if not root else
                "a kernel built from kernel/ (make kernel)" if event.startswith("kvm_ioregion")
                else "nothing to do on this host" if event in OPTIONAL_WHY else
                "load kvm (modprobe kvm_intel or kvm_amd)" if subsystem == "kvm" else
@@ -164,6 +186,10 @@ def check_headers():
     if os.environ.get("BCC_KERNEL_SOURCE"):
         return Check("kernel headers for BCC", False, how,
                      fix="unset BCC_KERNEL_SOURCE, or point it at a kernel header tree")
+    if "cannot read it" in how:
+        return Check("kernel headers for BCC", False, how,
+                     fix="run as root, or as root: ioregtrace doctor --fix (makes it readable)",
+                     fixer=lambda: headers.find(build=True))
     if headers.installed_debian_pairs():
         return Check("kernel headers for BCC", False, how,
                      fix="ioregtrace doctor --fix (merges the installed packages)",
@@ -192,15 +218,21 @@ def check_kvm_device():
         os.close(fd)
         return Check("/dev/kvm (for the demo VM)", True, "usable", required=False)
     except OSError as e:
-        return Check("/dev/kvm (for the demo VM)", False, e.strerror,
-                     fix="enable KVM in the host (kvm module, nested virtualisation)",
-                     required=False)
+        fix = ("run as root, or join the group that owns /dev/kvm (usually kvm)"
+               if e.errno == errno.EACCES else
+               "enable KVM in the host (kvm module, nested virtualisation)")
+        return Check("/dev/kvm (for the demo VM)", False, e.strerror, fix=fix, required=False)
 
 
 def check_uprobes():
     """QEMU's region names as they change need one uprobe on QEMU."""
     root = tracing_root()
     ok = bool(root) and os.path.exists(os.path.join(root, "uprobe_events"))
+    if not root and _is_mounted(TRACEFS, "tracefs") and _unreadable(TRACEFS):
+        return Check("uprobes (QEMU memory-map mirror)", False,
+                     "cannot tell: this user cannot read tracefs",
+                     fix="run as root, or make tracefs readable (see its check above)",
+                     required=False)
     return Check("uprobes (QEMU memory-map mirror)", ok,
                  "available" if ok else "no uprobe_events in tracefs",
                  fix="a kernel with CONFIG_UPROBE_EVENTS (names then come from QMP "

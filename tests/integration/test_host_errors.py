@@ -1,11 +1,12 @@
 """Errors that need the real host to provoke: missing privileges, missing
 mounts (in a private mount namespace), no /dev/kvm."""
 
+import os
 import shutil
 
 import pytest
 
-from conftest import IOREGTRACE
+from conftest import IOREGTRACE, run_cli
 from test_errors import one_line_error
 
 import subprocess
@@ -61,3 +62,34 @@ def test_doctor_reports_every_requirement(tracing_host):
                  "tracepoint syscalls:sys_enter_ioctl", "tracepoint syscalls:sys_enter_mmap",
                  "BCC python module", "kernel headers for BCC", "/dev/kvm"):
         assert name in res.stdout
+
+
+def _as_nobody(*args, caps=False):
+    """The console script run as uid/gid 65534 (with CAP_BPF + CAP_PERFMON,
+    documented as enough, when `caps`)."""
+    extra = ["--inh-caps=+bpf,+perfmon", "--ambient-caps=+bpf,+perfmon"] if caps else []
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           *extra, IOREGTRACE, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_user_who_cannot_read_tracefs_is_told_so(tracing_host):
+    """Issue 16, defect 9: as a non-root user, doctor said tracefs was
+    mounted, then "tracefs is not mounted" for every tracepoint, the headers
+    "not merged", uprobes missing and "enable KVM"; with CAP_BPF +
+    CAP_PERFMON, stat failed with "tracefs is not mounted"."""
+    from ioregtrace import headers
+    merged, _ = headers.find(build=True)
+    os.chmod(merged, 0o700)                  # as an older version merged it
+    out = _as_nobody("doctor").stdout
+    assert "uid 65534 cannot read it" in out and "tracefs is not mounted" not in out, out
+    assert "[ok     ] tracefs" not in out, out
+    assert "cannot read it (chmod 0755" in out or "kernel headers for BCC: merged" in out, out
+    assert "join the group that owns /dev/kvm" in out, out
+    assert "CONFIG_UPROBE_EVENTS" not in out, out
+    run_cli("doctor")                         # root opens the header tree up again
+    out = _as_nobody("doctor").stdout
+    assert "[ok     ] kernel headers for BCC" in out, out
+    res = _as_nobody("stat", "-d", "1", caps=True)
+    line = one_line_error(res)
+    assert "cannot read it" in line and "not mounted" not in line, line
