@@ -91,3 +91,23 @@ def test_empty_and_filtered_screens_say_so():
     m.refresh(recording({FAST: 1}, {}, 2.0), now=2.0)
     m.pid = 99
     assert "(no rows for pid 99)" in top.lines(m, 80, 24, "tracing")
+
+
+def test_columns_hold_every_path_and_tell_long_names_apart():
+    """Issue 16, defect 12: `unattributed` overflowed the PATH column and
+    pushed P99 off an 80-column screen, and two regions were cut to the
+    same `ioeventfd@0x10002~`."""
+    m = top.TopModel()
+    a = AccessKey(20, Space.MMIO, 0x10002000, 4, Op.WRITE, Path.UNATTRIBUTED)
+    b = AccessKey(20, Space.MMIO, 0x10002004, 4, Op.WRITE, Path.IOREGIONFD)
+    m.refresh(recording({a: 7, b: 5, FAST: 3}, {FAST: lat([5000] * 3)}, 1.0), now=1.0)
+    for width in (80, 100):
+        text = top.lines(m, width, 24, "tracing")
+        header = text[4]
+        op, p99 = header.index("OP"), header.index("P99us")
+        for line in text[5:8]:                  # every field under its heading
+            assert line[op] in "RW", (width, header, line)
+            value = line[p99 - 2:p99 + len("P99us")].strip()
+            assert value == "-" or float(value) > 0, (width, header, line)
+        labels = [line[7:].split()[0] for line in text[5:8]]
+        assert len(set(labels)) == 3, labels

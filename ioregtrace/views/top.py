@@ -12,6 +12,7 @@ import os
 import platform
 import time
 
+from ..keys import Path
 from ..probes import LatencyStats, RawSnapshot
 from ..recording import render
 
@@ -131,11 +132,22 @@ class TopModel:
 # -- the screen -----------------------------------------------------------------
 
 NUMERIC = (("RATE/s", 8), ("TOTAL", 9), ("%", 5), ("P50us", 7), ("P99us", 7))
+# The PATH column holds the longest path name (`unattributed`), so that no
+# row pushes the numbers out of their columns.
+PATH_WIDTH = max(len(str(p)) for p in Path)
 
 
 def _fit(text, width):
+    """`text` in `width` columns.  A long name is cut in the middle, not at
+    the end: region names differ at the end (ioeventfd@0x10002000 and
+    ioeventfd@0x10002004), and cut there two rows would read the same."""
     text = str(text)
-    return text if len(text) <= width else text[:max(0, width - 1)] + "~"
+    if len(text) <= width:
+        return text
+    if width < 5:
+        return text[:width]
+    tail = (width - 1) // 2
+    return text[:width - 1 - tail] + "~" + text[len(text) - tail:]
 
 
 def _us(v):
@@ -146,7 +158,7 @@ def layout(width):
     """Column widths for a terminal `width` wide: numbers fixed, REGION gets
     what is left; the VM name column only when there is room for both (the
     header names the VMs anyway)."""
-    fixed = 7 + 10 + 3 + sum(n + 1 for _, n in NUMERIC)   # pid, path, op, numbers, gaps
+    fixed = 7 + PATH_WIDTH + 1 + 3 + sum(n + 1 for _, n in NUMERIC)   # pid, path, op, numbers
     left = max(8, width - 1 - fixed)
     who = min(16, left // 3) if left >= 40 else 0
     return {"who": who, "label": left - who - (1 if who else 0)}
@@ -164,13 +176,13 @@ def lines(model, width, height, status):
            f"group: {model.group}  sort: {model.sort}  pid: {model.pid or 'all'}"
            "   h help  q quit", ""]
     who = lambda text: f"{_fit(text, w['who']):<{w['who']}} " if w["who"] else ""  # noqa: E731
-    header = (f"{'PID':>6} {who('VM')}{'REGION':<{w['label']}} {'PATH':<9} "
+    header = (f"{'PID':>6} {who('VM')}{'REGION':<{w['label']}} {'PATH':<{PATH_WIDTH}} "
               f"{'OP':<2} " + " ".join(f"{name:>{n}}" for name, n in NUMERIC))
     out.append(header)
     rows = model.visible()
     for r in rows[:max(0, height - len(out) - 1)]:
         out.append(f"{r.pid:>6} {who(r.who)}{_fit(r.label, w['label']):<{w['label']}} "
-                   f"{r.path:<9} {r.ops:<2} {r.rate:>8.1f} {r.total:>9} {r.share:>5.1f} "
+                   f"{r.path:<{PATH_WIDTH}} {r.ops:<2} {r.rate:>8.1f} {r.total:>9} {r.share:>5.1f} "
                    f"{_us(r.p50_us):>7} {_us(r.p99_us):>7}")
     if not rows:
         out.append("(no guest device accesses yet)" if model.pid is None
