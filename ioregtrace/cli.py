@@ -321,24 +321,33 @@ def serve(ctx, pids, duration, qmp, listen, by, max_series, grace):
     from prometheus_client import CollectorRegistry
 
     from .session import Session
-    from .views.exporter import Exporter, start_server
+    from .views.exporter import Exporter, LateExporter, start_server
 
     host, port = _listen_address(listen)
-    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=None, qmp=qmp).start()
+    # Listen first: a port that is taken is said at once, and a scraper is
+    # answered (with ioregtrace_build_info) during the seconds the BPF
+    # program takes to compile, instead of being refused.
+    registry = CollectorRegistry(auto_describe=False)
+    exporter = LateExporter()
+    registry.register(exporter)
+    try:
+        server = start_server(host, port, registry)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    try:
+        session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=None, qmp=qmp).start()
+    except BaseException:
+        server.shutdown()
+        raise
     status = 0
     try:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(Exporter(session, by=by, max_series=max_series, grace_s=grace))
-        try:
-            server = start_server(host, port, registry)
-        except OSError as e:
-            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        exporter.ready(Exporter(session, by=by, max_series=max_series, grace_s=grace))
         if host not in ("127.0.0.1", "::1", "localhost"):
             session.log(f"warning: serving on {host}:{port}, reachable from the network")
         session.log(f"serving {metrics_url(host, port)}; Ctrl-C to stop")
         _serve_until_stopped(session, duration)
-        server.shutdown()
     finally:
+        server.shutdown()
         status = session.finish()
     ctx.exit(status)
 

@@ -186,10 +186,8 @@ class Exporter:
         folded = GaugeMetricFamily("ioregtrace_series_folded", "Label sets folded into "
                                    "the 'other' series by --max-series.")
         folded.add_metric([], len(self.folded))
-        info = InfoMetricFamily("ioregtrace_build", "ioregtrace version and host.")
-        info.add_metric([], {"version": __version__, "kernel": platform.release(),
-                             "bcc": _bcc_version()})
-        return [accesses, latency, direct, lost, dropped, diagnostics, vms, folded, info]
+        return [accesses, latency, direct, lost, dropped, diagnostics, vms, folded,
+                _build_info()]
 
     def _forget_dropped(self):
         """Series of VMs past their grace period leave; what they had folded
@@ -218,12 +216,35 @@ class Exporter:
         return series, other
 
 
+def _build_info():
+    info = InfoMetricFamily("ioregtrace_build", "ioregtrace version and host.")
+    info.add_metric([], {"version": __version__, "kernel": platform.release(),
+                         "bcc": _bcc_version()})
+    return info
+
+
 def _bcc_version():
     try:
         import bcc
         return getattr(bcc, "__version__", "unknown")
     except ImportError:
         return "none"
+
+
+class LateExporter:
+    """The collector registered before the session exists: until ready()
+    hands it the Exporter, a scrape gets ioregtrace_build_info alone."""
+
+    def __init__(self):
+        self._exporter = None
+
+    def ready(self, exporter):
+        self._exporter = exporter
+
+    def collect(self):
+        if self._exporter is not None:
+            return self._exporter.collect()
+        return [_build_info()]
 
 
 # -- the HTTP server ---------------------------------------------------------

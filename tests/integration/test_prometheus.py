@@ -292,3 +292,31 @@ def test_default_bind_is_loopback_and_bad_listen_is_one_line(tracing_host):
     res = run_cli("serve", "--listen", "nowhere:port", "-d", "1")
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("ioregtrace: error: --listen")
+
+
+def test_serve_answers_while_the_tracer_compiles(tracing_host):
+    """Issue 16, defect 13: serve bound its port only after the BPF compile
+    (seconds), so scrapers were refused meanwhile.  Now the first scrape,
+    sent as soon as anything listens, is answered before the tracer is
+    ready (ioregtrace_build_info alone), and later ones carry the counts."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    proc = Watched([IOREGTRACE, "serve", "--listen", f"127.0.0.1:{port}", "-d", "60"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, first = http_get(url, timeout=10)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, proc.lines
+                time.sleep(0.02)
+        assert status == 200 and "ioregtrace_build_info" in first, first
+        assert "ioregtrace_accesses" not in first, "answered only once the tracer was ready"
+        proc.wait_for("serving ", timeout=60)
+        status, later = http_get(url)
+        assert status == 200 and "ioregtrace_accesses" in later, later
+    finally:
+        proc.proc.send_signal(2)
+        proc.finish()
+        proc.kill()
