@@ -155,3 +155,22 @@ def test_every_counter_of_the_tracer_is_exported():
     got = {dict(labels)["counter"]: v for (name, labels), v in samples.items()
            if name == "ioregtrace_diagnostics_total"}
     assert got == {name: float(i + 1) for i, name in enumerate(COUNTERS)}
+
+
+def test_address_labels_are_capped_by_default():
+    """Issue 16, defect 6: `serve --by address` had no default cap (one
+    QEMU gave 20,851 series); by region none is needed."""
+    from ioregtrace import cli
+    assert cli.series_cap("address", None) == cli.ADDRESS_SERIES_CAP == 1000
+    assert cli.series_cap("address", 50) == 50
+    assert cli.series_cap("region", None) is None
+    session = FakeSession()
+    session.vms = {1: VmInfo(7, 1, True, "qemu")}
+    session.accesses = {(1, key(0xA0000 + i)): 1 for i in range(3000)}
+    exp = exporter.Exporter(session, by="address", max_series=cli.series_cap("address", None))
+    samples = scrape(exp)
+    series = [labels for (name, labels), _ in samples.items()
+              if name == "ioregtrace_accesses_total"]
+    assert len(series) == 1000 + 1                  # and one `other`
+    assert sum(v for (name, _), v in samples.items()
+               if name == "ioregtrace_accesses_total") == 3000
