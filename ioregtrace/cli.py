@@ -73,16 +73,11 @@ def _render(recording, as_json, by):
 
 def check_output(path):
     """Before tracing, not after: an output file that cannot be written
-    would lose everything traced.  Its directory must exist and take a new
-    file (a read-only file system refuses even root), or the file itself
-    must be writable."""
-    if path is None:
-        return
-    if os.path.isdir(path):
-        raise UserError(f"cannot write {path}: it is a directory")
-    if os.path.exists(path):
-        if not os.access(path, os.W_OK):
-            raise UserError(f"cannot write {path}: not writable")
+    would lose everything traced.  An existing path was checked by click
+    (click.Path(dir_okay=False, writable=True)); a new file needs a
+    directory that exists and takes a new file (a read-only file system
+    refuses even root)."""
+    if path is None or os.path.exists(path):
         return
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):

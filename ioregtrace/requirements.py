@@ -103,6 +103,17 @@ def _unreadable(path):
     return not os.access(path, os.R_OK | os.X_OK)
 
 
+def _tracefs_unreadable():
+    """tracefs is mounted but this user cannot read it (so tracing_root()
+    finds nothing, for a reason other than a missing mount)."""
+    return _is_mounted(TRACEFS, "tracefs") and _unreadable(TRACEFS)
+
+
+# What the tracefs-dependent checks say when this user cannot read it.
+_UNREADABLE_DETAIL = "cannot tell: this user cannot read tracefs"
+_UNREADABLE_FIX = "run as root, or make tracefs readable (see its check above)"
+
+
 def _who_cannot(path):
     st = os.stat(path)
     return (f"mounted, but uid {os.getuid()} cannot read it (mode {st.st_mode & 0o777:04o}, "
@@ -133,18 +144,18 @@ def tracepoint_exists(subsystem, event):
 def check_tracepoints():
     checks = []
     root = tracing_root()
+    unreadable = not root and _tracefs_unreadable()
     for subsystem, event, required in TRACEPOINTS:
         ok = bool(root) and tracepoint_exists(subsystem, event)
         if ok:
             detail = "present"
-        elif not root and _is_mounted(TRACEFS, "tracefs") and _unreadable(TRACEFS):
-            detail = "cannot tell: this user cannot read tracefs"
+        elif unreadable:
+            detail = _UNREADABLE_DETAIL
         elif not root:
             detail = "cannot tell: tracefs is not mounted"
         else:
             detail = "absent from this kernel"
-        fix = ("run as root, or make tracefs readable (see its check above)"
-               if not root and detail.endswith("cannot read tracefs") else
+        fix = (_UNREADABLE_FIX if unreadable else
                "mount debugfs/tracefs (ioregtrace doctor --fix)" if not root else
                "a kernel built from kernel/ (make kernel)" if event.startswith("kvm_ioregion")
                else "nothing to do on this host" if event in OPTIONAL_WHY else
@@ -228,11 +239,9 @@ def check_uprobes():
     """QEMU's region names as they change need one uprobe on QEMU."""
     root = tracing_root()
     ok = bool(root) and os.path.exists(os.path.join(root, "uprobe_events"))
-    if not root and _is_mounted(TRACEFS, "tracefs") and _unreadable(TRACEFS):
-        return Check("uprobes (QEMU memory-map mirror)", False,
-                     "cannot tell: this user cannot read tracefs",
-                     fix="run as root, or make tracefs readable (see its check above)",
-                     required=False)
+    if not root and _tracefs_unreadable():
+        return Check("uprobes (QEMU memory-map mirror)", False, _UNREADABLE_DETAIL,
+                     fix=_UNREADABLE_FIX, required=False)
     return Check("uprobes (QEMU memory-map mirror)", ok,
                  "available" if ok else "no uprobe_events in tracefs",
                  fix="a kernel with CONFIG_UPROBE_EVENTS (names then come from QMP "
