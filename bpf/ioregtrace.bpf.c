@@ -959,16 +959,21 @@ RAW_TRACEPOINT_PROBE(kvm_ioregion_response)
 }
 #endif
 
-/* The access an MMIO/IO exit is for, from the vCPU's kvm_run.  Returns 0
+/* The head of the vCPU's kvm_run, as KVM left it for this exit.  Returns 0
  * when it cannot be read (mapping unknown: a VM attached to mid-way, or a
  * VMM that reads kvm_run some other way). */
+static __always_inline int read_run(struct thread_state *s, struct kvm_run_head *run)
+{
+	return s->run_addr && !read_user(run, sizeof(*run), (void *)s->run_addr);
+}
+
+/* The access an MMIO/IO exit is for, from the vCPU's kvm_run; 0 when it
+ * cannot be read. */
 static __always_inline int decode_exit(struct thread_state *s, u32 reason,
 				       struct access_key *k, u32 *count)
 {
 	struct kvm_run_head run;
-	if (!s->run_addr ||
-	    read_user(&run, sizeof(run), (void *)s->run_addr) ||
-	    run.exit_reason != reason)
+	if (!read_run(s, &run) || run.exit_reason != reason)
 		return 0;
 	if (reason == KVM_EXIT_IO) {
 		k->space = SPACE_PIO;
@@ -1058,8 +1063,7 @@ static __always_inline void exit_inferred(struct thread_state *s, u8 space, u32 
 static __always_inline int ioregion_still_pending(struct thread_state *s)
 {
 	struct kvm_run_head run;
-	return s->run_addr && !read_user(&run, sizeof(run), (void *)s->run_addr) &&
-	       (run.flags & KVM_RUN_X86_IOREGIONFD_PENDING);
+	return read_run(s, &run) && (run.flags & KVM_RUN_X86_IOREGIONFD_PENDING);
 }
 
 /* KVM_EXIT_IOREGIONFD_FAILED: an ioregion's channel failed.  If the access
@@ -1081,8 +1085,7 @@ static __always_inline void exit_ioregion_failed(struct thread_state *s)
 		return;
 	}
 	struct kvm_run_head run;
-	if (s->skip_pio_in || !s->run_addr ||
-	    read_user(&run, sizeof(run), (void *)s->run_addr) ||
+	if (s->skip_pio_in || !read_run(s, &run) ||
 	    run.exit_reason != KVM_EXIT_IOREGIONFD_FAILED ||
 	    !run.ioregionfd_failed.pio || run.ioregionfd_failed.is_write)
 		return;
