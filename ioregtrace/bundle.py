@@ -396,19 +396,29 @@ def _events_from(c, v):
     return ev
 
 
+def _inflated_size(path, limit):
+    """The size of `path` uncompressed, counted without keeping it: a bomb
+    is refused in constant memory, whatever the allocator makes of many
+    large chunks kept alive at once.  Raises BundleError past `limit`."""
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            total += len(chunk)
+            if total > limit:
+                raise BundleError(f"{path}: more than {limit >> 20} MiB uncompressed "
+                                  f"(over {MAX_RATIO} times its size): not a bundle")
+    return total
+
+
 def read(path):
     """A Recording from a bundle file, or BundleError."""
     try:
         limit = min(MAX_BYTES, max(MIN_LIMIT, MAX_RATIO * os.path.getsize(path)))
-        chunks, total = [], 0
+        size = _inflated_size(path, limit)
         with gzip.open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                total += len(chunk)
-                if total > limit:
-                    raise BundleError(f"{path}: more than {limit >> 20} MiB uncompressed "
-                                      f"(over {MAX_RATIO} times its size): not a bundle")
-                chunks.append(chunk)
-        data = b"".join(chunks)
+            data = f.read(size + 1)
+        if len(data) != size:       # the file changed between the two reads
+            raise BundleError(f"{path}: changed while it was read")
     except FileNotFoundError:
         raise BundleError(f"{path}: no such file") from None
     except (OSError, EOFError, zlib.error) as e:
