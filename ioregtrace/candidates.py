@@ -61,7 +61,7 @@ def rank(report, limit=10):
     region row is compared by)."""
     userspace = {}        # (vm, region, op) -> [first row, LatencyStats, sizes]
     ioregionfd = {}       # (vm, op, size) -> LatencyStats
-    for row in report.rows:
+    for row in report.all_rows:
         if row.stats is None or row.stats.count == 0:
             continue
         if row.key.path == Path.IOREGIONFD:

@@ -32,7 +32,15 @@ class _PassThrough(click.Command):
             raise
 
     def collect_usage_pieces(self, ctx):
-        return super().collect_usage_pieces(ctx) + ["[-- CMD [ARGS]...]"]
+        pieces = [self.options_metavar] if self.options_metavar else []
+        optional = ""
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Argument):   # optional ones nest: [INTERVAL [COUNT]]
+                pieces.append(("[" if not param.required else "") + param.make_metavar(ctx))
+                optional += "]" if not param.required else ""
+        if optional:
+            pieces[-1] += optional
+        return pieces + ["[-- CMD [ARGS]...]"]
 
 
 @click.group(context_settings=CONTEXT)
@@ -63,12 +71,44 @@ def _target_options(f):
     return f
 
 
-def _render(recording, as_json, by):
+def _render(recording, shape):
+    from . import report as report_mod
     from .recording import render
     from .views import stat as stat_view
-    result = render(recording, by=by)
-    return (json.dumps(stat_view.to_json(result), indent=1) + "\n" if as_json
-            else stat_view.table(result))
+    result = report_mod.shape(render(recording, by=shape.by), sort=shape.sort, top=shape.top,
+                              vm=shape.vm)
+    if shape.fmt == "json":
+        return json.dumps(stat_view.to_json(result), indent=1) + "\n"
+    if shape.fmt == "csv":
+        return stat_view.to_csv(result)
+    return stat_view.table(result)
+
+
+def _table_options(f):
+    """How `stat` and `report` show their rows."""
+    from .report import SORTS
+    f = click.option("--vm", metavar="NAME",
+                     help="Only this VM's rows (QEMU's -name, else the process name or pid); "
+                          "totals are then that VM's.")(f)
+    f = click.option("--top", type=click.IntRange(min=1), metavar="N",
+                     help="Show the first N rows; totals and candidates still count all.")(f)
+    f = click.option("--sort", type=click.Choice(list(SORTS)), default="count",
+                     show_default=True,
+                     help="Row order: most accesses, highest userspace latency (p50, p99, "
+                          "max), or by region name, guest address or path.")(f)
+    f = click.option("--csv", "as_csv", is_flag=True,
+                     help="Write CSV rows (a header line, then one line per row).")(f)
+    f = click.option("--json", "as_json", is_flag=True,
+                     help="Write JSON instead of a table.")(f)
+    return f
+
+
+def _shape(as_json, as_csv, by, sort, top, vm):
+    from .views.periodic import Shape
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv exclude each other")
+    return Shape(fmt="json" if as_json else "csv" if as_csv else "table", by=by, sort=sort,
+                 top=top, vm=vm)
 
 
 def check_output(path):
@@ -111,14 +151,31 @@ _by_option = click.option(
          "region names are known.")
 
 
+class _Seconds(click.ParamType):
+    """INTERVAL: what else a word there may have been meant as is said."""
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds; a command to run goes after "
+                      "`--`", param, ctx)
+        if not 0.1 <= seconds < float("inf"):
+            self.fail(f"{value}: expected at least 0.1 seconds", param, ctx)
+        return seconds
+
+
 @cli.command(cls=_PassThrough, context_settings=CONTEXT)
+@click.argument("every", metavar="INTERVAL", required=False, type=_Seconds())
+@click.argument("count", metavar="COUNT", required=False, type=click.IntRange(min=1))
 @_target_options
-@click.option("--json", "as_json", is_flag=True, help="Write JSON instead of a table.")
+@_table_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write the result to FILE instead of stdout.")
 @_by_option
 @click.pass_context
-def stat(ctx, pids, duration, qmp, as_json, output, by):
+def stat(ctx, every, count, pids, duration, qmp, as_json, as_csv, sort, top, vm, output, by):
     """Count guest device accesses by address and dispatch path.
 
     \b
@@ -129,6 +186,13 @@ def stat(ctx, pids, duration, qmp, as_json, output, by):
     ioregtrace stat --json -- qemu-system-x86_64 ...
                                           run CMD traced from its start;
                                           exit with CMD's status
+    ioregtrace stat 1 10 --top 5          every second, 10 times, the
+                                          5 busiest rows of that second
+    ioregtrace stat 5 --json --vm web1    a JSON line per 5 s for one VM
+
+    With INTERVAL, one table per INTERVAL seconds of the accesses made in
+    it (--json: one JSON object per line; --csv: a time_s column first);
+    after COUNT of them CMD is ended, as after -d.
 
     Rows: one per VM, device region (or address), op and path, with count,
     share, rate and, for the userspace path, latency p50/p99/max in
@@ -139,15 +203,62 @@ def stat(ctx, pids, duration, qmp, as_json, output, by):
     lets QEMU exit).  Ctrl-C prints what was gathered so far.
     """
     from .session import Session
+    from .views import periodic
 
+    shape = _shape(as_json, as_csv, by, sort, top, vm)
     check_output(output)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp).start()
     try:
-        session.wait()
-        _write(_render(session.recording(), as_json, by), output)
+        if every is None:
+            session.wait()
+            _write(_render(session.recording(), shape), output)
+        else:
+            with _Series(output) as series:
+                periodic.run(session, every, count, shape, series.emit)
     finally:
         status = session.finish()
     ctx.exit(status)
+
+
+class _Series:
+    """Where a periodic stat writes, interval by interval: FILE (opened
+    before the first one) or stdout, flushed each time so that a reader
+    of a pipe sees each interval when it ends.  If FILE fails on the way,
+    the rest goes to stdout, and stderr says so."""
+
+    def __init__(self, output):
+        self.output, self.file = output, None
+
+    def __enter__(self):
+        if self.output:
+            try:
+                self.file = open(self.output, "w")
+            except OSError as e:
+                self._fail(e)
+        return self
+
+    def _fail(self, e):
+        print(f"ioregtrace: cannot write {self.output} ({e.strerror}); the rest follows on "
+              "stdout", file=sys.stderr)
+        self.file = None
+
+    def emit(self, text):
+        if self.file is not None:
+            try:
+                self.file.write(text)
+                self.file.flush()
+                return
+            except OSError as e:
+                self._fail(e)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as e:
+                self._fail(e)
 
 
 @cli.command(cls=_PassThrough, context_settings=CONTEXT)
@@ -209,26 +320,27 @@ def _write_bundle(bundle, output, recording, redact):
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("bundle_file", metavar="FILE", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Write JSON (as stat --json).")
+@_table_options
 @_by_option
 @click.option("--events", "list_events", is_flag=True,
               help="List the raw access events instead of the table.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write to FILE instead of stdout.")
-def report(bundle_file, as_json, by, list_events, output):
+def report(bundle_file, as_json, as_csv, sort, top, vm, by, list_events, output):
     """Render a bundle written by `ioregtrace record`, offline: the same
     tables as `stat`, or its raw events.  Reading a bundle never runs
     anything from it; a damaged or foreign file is one error line."""
     from . import bundle
     from .views import events as events_view
 
+    shape = _shape(as_json, as_csv, by, sort, top, vm)
     check_output(output)
     recording = bundle.read(bundle_file)
     if list_events:
         text = events_view.render(recording, as_json)
     else:
-        text = _render(recording, as_json, by)
-        if not as_json:
+        text = _render(recording, shape)
+        if shape.fmt == "table":
             text = events_view.header(recording) + text
     _write(text, output)
 

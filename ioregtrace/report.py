@@ -4,6 +4,7 @@ prints.  The classification itself happened in the kernel; this only names,
 groups and sums."""
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -70,16 +71,62 @@ class Report:
     diagnostics: dict
     notes: list = field(default_factory=list)
     by: str = BY_ADDRESS
+    hidden: list = field(default_factory=list)    # rows past --top: still in every total
+
+    @property
+    def all_rows(self):
+        return self.rows + self.hidden
 
     @property
     def total(self):
-        return sum(r.count for r in self.rows)
+        return sum(r.count for r in self.all_rows)
 
     def totals_by_path(self):
         totals = collections.Counter()
-        for r in self.rows:
+        for r in self.all_rows:
             totals[r.key.path] += r.count
         return totals
+
+
+def _latency_field(name):
+    def key(row):
+        lat = row.latency
+        value = getattr(lat, name) if lat is not None else None
+        return (value is None, -(value or 0), -row.count, row.key)
+    return key
+
+
+# --sort: the order of a table's rows (each breaks ties by count, then key).
+SORTS = {
+    "count": lambda r: (-r.count, r.key, r.region or ""),
+    "p50": _latency_field("p50_us"),
+    "p99": _latency_field("p99_us"),
+    "max": _latency_field("max_us"),
+    "region": lambda r: (r.region is None, r.region or "", r.vm, -r.count, r.key),
+    "address": lambda r: (r.vm, r.key.space, r.key.address, r.key.op, r.key.path),
+    "path": lambda r: (r.key.path, -r.count, r.key),
+}
+
+
+def matches_vm(row, name):
+    """--vm NAME: QEMU's -name, else the process name, else the pid."""
+    return name in (row.vm_name, row.comm, str(row.key.pid))
+
+
+def shape(report, sort="count", top=None, vm=None):
+    """The report as a table shows it: only --vm's rows (its totals are
+    that VM's), ordered by --sort, the first --top of them shown and the
+    rest kept in `hidden`, so totals and candidates still count them."""
+    rows, notes = report.all_rows, report.notes
+    if vm is not None:
+        rows = [r for r in rows if matches_vm(r, vm)]
+        if not rows and report.all_rows:
+            seen = sorted({r.vm_name or r.comm for r in report.all_rows})
+            notes = notes + [f"--vm {vm}: no access by a VM of that name, process name or "
+                             f"pid; seen: {', '.join(seen)}"]
+    rows = sorted(rows, key=SORTS[sort])
+    cut = len(rows) if top is None else top
+    return dataclasses.replace(report, rows=rows[:cut], hidden=rows[cut:], notes=notes)
 
 
 def latency_of(stats):

@@ -90,6 +90,7 @@ class Session:
         self.started = None
         self.stopped = None
         self.stop_signal = None        # the signal that ended the session, if one did
+        self.end_reason = "-d elapsed"   # why CMD is ended when no signal did it
         self.exit_status = 0
 
     # -- starting -----------------------------------------------------------
@@ -308,7 +309,7 @@ class Session:
             return
         except subprocess.TimeoutExpired:
             pass
-        why = "interrupted" if self.stop_signal is not None else "-d elapsed"
+        why = "interrupted" if self.stop_signal is not None else self.end_reason
         self.log(f"{why}: ending {self.cmd[0]} (pid {self.child.pid})")
         if not any(c.pid == self.child.pid and c.quit() for c in self.controls):
             self.child.send_signal(self.stop_signal or signal.SIGTERM)

@@ -169,8 +169,9 @@ def test_usage_shows_the_command_to_run(command):
     command without `--` got "Got unexpected extra arguments" alone."""
     res = run_cli(command, "--help")
     assert res.returncode == 0
+    periodic = " [INTERVAL [COUNT]]" if command == "stat" else ""
     assert res.stdout.splitlines()[0] == \
-        f"Usage: ioregtrace {command} [OPTIONS] [-- CMD [ARGS]...]", res.stdout
+        f"Usage: ioregtrace {command} [OPTIONS]{periodic} [-- CMD [ARGS]...]", res.stdout
     extra = ["-o", "x.bundle"] if command == "record" else []
     line = one_line_error(run_cli(command, *extra, "qemu-system-x86_64"), code=2)
     assert "a command to run goes after `--`" in line

@@ -108,3 +108,46 @@ def test_table_rates_and_shares():
     text = stat_view.table(report.build(snap, 2.0))
     line = next(line for line in text.splitlines() if "0x10 " in line + " ")
     assert "75.0" in line and "15.0" in line
+
+
+def test_sort_by_p99_puts_rows_without_latency_last():
+    fast, slow, kern = key(0x1000, Op.READ), key(0x2000, Op.READ), key(0x3000, path=Path.KERNEL)
+    snap = snapshot(accesses={(1, fast): 50, (1, slow): 2, (1, kern): 100},
+                    latencies={(1, fast): latency([2000] * 50), (1, slow): latency([90_000] * 2)})
+    rep = report.shape(report.build(snap, 1.0, by="address"), sort="p99")
+    assert [r.key.address for r in rep.rows] == [0x2000, 0x1000, 0x3000]
+
+
+def test_top_cuts_rows_but_not_totals_or_candidates():
+    slow = key(0x2000, Op.READ)
+    snap = snapshot(accesses={(1, key(0x1000 + 8 * i, path=Path.KERNEL)): 100 - i
+                              for i in range(10)} | {(1, slow): 3},
+                    latencies={(1, slow): latency([50_000] * 3)})
+    full = report.build(snap, 1.0, by="address")
+    rep = report.shape(full, top=4)
+    assert len(rep.rows) == 4 and len(rep.hidden) == 7
+    assert rep.total == full.total and rep.totals_by_path() == full.totals_by_path()
+    text = stat_view.table(rep)
+    assert "... 7 more row(s) with " in text
+    assert "0x2000" in text            # cut from the rows, still a candidate
+    doc = stat_view.to_json(rep)
+    assert doc["rows_omitted"] == 7 and doc["total"] == full.total
+
+
+def test_interval_max_is_the_new_max_or_a_bound_of_the_interval():
+    from ioregtrace import interval
+    k = key(0x1000, Op.READ)
+    before = snapshot(accesses={(1, k): 2}, latencies={(1, k): latency([1000, 900_000])})
+    after = snapshot(accesses={(1, k): 4},
+                     latencies={(1, k): latency([1000, 900_000, 1000, 1100])})
+    d = interval.since(before, after)
+    assert d.accesses == {(1, k): 2}
+    stats = d.latencies[(1, k)]
+    assert stats.count == 2 and stats.sum_ns == 2100
+    # The overall max (900 us) was before; this interval's is at most its
+    # highest slot's bound, within 12.5 % of 1.1 us.
+    assert 1100 <= stats.max_ns <= 1100 * 1.125
+    newer = snapshot(accesses={(1, k): 5},
+                     latencies={(1, k): latency([1000, 900_000, 1000, 1100, 2_000_000])})
+    assert interval.since(after, newer).latencies[(1, k)].max_ns == 2_000_000
+    assert interval.since(newer, newer).accesses == {}

@@ -1,5 +1,8 @@
 """`ioregtrace stat` output: a table for people, a stable JSON for programs."""
 
+import csv
+import io
+
 from tabulate import tabulate
 
 from .. import candidates
@@ -17,7 +20,9 @@ def who(row):
     return f"{row.key.pid}/{row.comm}{name}"
 
 
-def table(report):
+def table(report, brief=False):
+    """The table; `brief` (one of a periodic series) leaves out what does
+    not change from one interval to the next: explanations, candidates, notes."""
     total = report.total
     duration = max(report.duration_s, 1e-9)
     by_region = report.by == "region"
@@ -44,11 +49,19 @@ def table(report):
     align += ["right"] * 5
     lines = [tabulate(body, headers=headers, disable_numparse=True, colalign=align)
              if body else "(no guest device accesses seen)"]
+    if report.hidden:
+        lines.append(f"... {len(report.hidden)} more row(s) with "
+                     f"{sum(r.count for r in report.hidden)} accesses (--top)")
     by_path = report.totals_by_path()
     parts = ", ".join(f"{path} {by_path[path]}" for path in Path if by_path.get(path))
     lines.append("")
     lines.append(f"Total: {total} accesses in {report.duration_s:.2f} s "
                  f"({total / duration:.1f}/s){': ' + parts if parts else ''}")
+    if brief:
+        if report.lost_events or report.dropped_keys:
+            lines.append(f"Lost events: {report.lost_events}, "
+                         f"dropped keys: {report.dropped_keys}")
+        return "\n".join(lines) + "\n"
     lines.append(f"Lost events: {report.lost_events}, dropped keys: {report.dropped_keys}")
     lines.append("Latency: userspace exit to next KVM_RUN on the same thread (ioregionfd: "
                  "command sent to response received); p50/p99 are upper bounds within "
@@ -101,6 +114,41 @@ def to_json(report):
         rows.append(row)
     return {"version": JSON_VERSION, "duration_s": report.duration_s,
             "lost_events": report.lost_events, "dropped_keys": report.dropped_keys,
-            "by": report.by, "rows": rows, "diagnostics": report.diagnostics,
+            "by": report.by, "rows": rows, "rows_omitted": len(report.hidden),
+            "total": report.total, "diagnostics": report.diagnostics,
             "candidates": [c.as_dict() for c in candidates.rank(report)],
             "notes": report.notes}
+
+
+CSV_COLUMNS = ("pid", "comm", "vm_name", "region", "space", "address", "size", "op", "path",
+               "count", "rate_per_s", "p50_us", "p99_us", "max_us")
+
+
+def csv_rows(report):
+    """One list per row, in CSV_COLUMNS order: the shown rows (--top cuts
+    them, as it cuts the table); a region row's address is its lowest and
+    its size the largest."""
+    duration = max(report.duration_s, 1e-9)
+    out = []
+    for r in report.rows:
+        lat = r.latency
+        out.append([r.key.pid, r.comm, r.vm_name or "", r.region or "", str(r.key.space),
+                    f"{r.key.address:#x}", r.key.size, str(r.key.op), str(r.key.path), r.count,
+                    f"{r.count / duration:.3f}"] +
+                   ["" if lat is None else f"{v:.3f}"
+                    for v in ((lat and lat.p50_us), (lat and lat.p99_us), (lat and lat.max_us))])
+    return out
+
+
+def to_csv(report, time_s=None, header=True):
+    """The rows as CSV text.  A periodic series puts the end of each
+    interval (seconds since start) in a first column, time_s, and writes
+    the header line only once."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    lead = [] if time_s is None else [f"{time_s:.3f}"]
+    if header:
+        writer.writerow((["time_s"] if lead else []) + list(CSV_COLUMNS))
+    for row in csv_rows(report):
+        writer.writerow(lead + row)
+    return buf.getvalue()
