@@ -58,7 +58,7 @@ static long (*read_user_str)(void *dst, u32 size, const void *src) =
 #define NR_COUNTERS 10
 
 struct access_key {
-	u32 pid;        /* tgid of the VMM process */
+	u32 pid;        /* tgid of the VMM process (PER_VCPU: the vCPU thread) */
 	u32 vm;         /* serial of that process in vms: pid reuse never merges */
 	u64 addr;       /* guest physical address or port */
 	u8 space;       /* SPACE_MMIO / SPACE_PIO */
@@ -769,12 +769,24 @@ static __always_inline void settle_in_kernel(struct thread_state *s)
 	count_access(s, &s->pend_key, s->pend_count);
 }
 
+/* Who an access key names: the VMM process, or with PER_VCPU (--per-vcpu)
+ * the vCPU thread itself (the process is known from the key's vm serial).
+ * Every key is made in the vCPU thread's own context. */
+static __always_inline u32 key_pid(u32 pid)
+{
+#ifdef PER_VCPU
+	return (u32)bpf_get_current_pid_tgid();
+#else
+	return pid;
+#endif
+}
+
 static __always_inline void set_pending(struct thread_state *s, u32 pid, u8 space,
 					u64 addr, u32 size, u8 op, u8 path, u32 count)
 {
 	s->pending = 1;
 	s->pend_count = count;
-	s->pend_key.pid = pid;
+	s->pend_key.pid = key_pid(pid);
 	s->pend_key.vm = s->vm;
 	s->pend_key.addr = addr;
 	s->pend_key.space = space;
@@ -787,7 +799,7 @@ static __always_inline void set_pending(struct thread_state *s, u32 pid, u8 spac
 static __always_inline void count_now(struct thread_state *s, u32 pid, u8 space,
 				      u64 addr, u32 size, u8 op, u8 path, u64 n)
 {
-	struct access_key k = {.pid = pid, .vm = s->vm, .addr = addr, .space = space,
+	struct access_key k = {.pid = key_pid(pid), .vm = s->vm, .addr = addr, .space = space,
 			       .op = op, .path = path, .size = size,
 			       .layout = layout_now(s)};
 	count_access(s, &k, n);
@@ -859,7 +871,7 @@ RAW_TRACEPOINT_PROBE(kvm_pio)
 	} else if (s->skip_pio_in) {
 		s->skip_pio_in = 0;              /* completion of a counted IN */
 	} else if (s->await_pio_in) {
-		struct access_key k = {.pid = pid, .vm = s->vm, .addr = port,
+		struct access_key k = {.pid = key_pid(pid), .vm = s->vm, .addr = port,
 				       .space = SPACE_PIO, .op = OP_READ,
 				       .path = PATH_USERSPACE, .size = size,
 				       .layout = layout_now(s)};
@@ -916,7 +928,7 @@ RAW_TRACEPOINT_PROBE(kvm_ioregion_send)
 	} else {
 		settle_in_kernel(s);
 	}
-	struct access_key k = {.pid = s->pid, .vm = s->vm, .addr = addr, .space = space,
+	struct access_key k = {.pid = key_pid(s->pid), .vm = s->vm, .addr = addr, .space = space,
 			       .op = op, .path = PATH_IOREGIONFD, .size = ctx->args[2],
 			       .layout = layout_now(s)};
 	count_access(s, &k, 1);
@@ -1021,7 +1033,7 @@ static __always_inline void exit_decoded(struct thread_state *s, u32 pid,
 	if (k->space == SPACE_PIO && k->op == OP_READ && s->synced) {
 		/* A PIO IN: count it now; its kvm_pio comes with the data on
 		 * re-entry and is only a completion. */
-		k->pid = pid;
+		k->pid = key_pid(pid);
 		k->vm = s->vm;
 		k->path = PATH_USERSPACE;
 		k->layout = layout_now(s);
@@ -1089,7 +1101,8 @@ static __always_inline void exit_ioregion_failed(struct thread_state *s)
 	    run.exit_reason != KVM_EXIT_IOREGIONFD_FAILED ||
 	    !run.ioregionfd_failed.pio || run.ioregionfd_failed.is_write)
 		return;
-	struct access_key k = {.pid = s->pid, .vm = s->vm, .addr = run.ioregionfd_failed.addr,
+	struct access_key k = {.pid = key_pid(s->pid), .vm = s->vm,
+			       .addr = run.ioregionfd_failed.addr,
 			       .space = SPACE_PIO, .op = OP_READ, .path = PATH_IOREGIONFD,
 			       .size = run.ioregionfd_failed.len, .layout = layout_now(s)};
 	count_access(s, &k, 1);

@@ -174,8 +174,12 @@ class _Seconds(click.ParamType):
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write the result to FILE instead of stdout.")
 @_by_option
+@click.option("--per-vcpu", is_flag=True,
+              help="A row per vCPU thread too (TID column; JSON and CSV: tid): counts and "
+                   "latencies of each vCPU.")
 @click.pass_context
-def stat(ctx, every, count, pids, duration, qmp, as_json, as_csv, sort, top, vm, output, by):
+def stat(ctx, every, count, pids, duration, qmp, as_json, as_csv, sort, top, vm, output, by,
+         per_vcpu):
     """Count guest device accesses by address and dispatch path.
 
     \b
@@ -207,7 +211,8 @@ def stat(ctx, every, count, pids, duration, qmp, as_json, as_csv, sort, top, vm,
 
     shape = _shape(as_json, as_csv, by, sort, top, vm)
     check_output(output)
-    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp).start()
+    session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
+                      per_vcpu=per_vcpu).start()
     try:
         if every is None:
             session.wait()

@@ -55,6 +55,7 @@ class AccessKey:
     op: Op
     path: Path
     layout: int = 0    # the VMM's memory-map generation when it was made (QEMU)
+    tid: int = 0       # the vCPU thread that made it (--per-vcpu), else 0
 
     def short(self):
         """perf-kvm-stat style label: 0xfebf0000:4:W or 0x60:1:R."""

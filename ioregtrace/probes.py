@@ -4,6 +4,7 @@ about rows or views."""
 
 import collections
 import ctypes
+import dataclasses
 import fcntl
 import os
 import struct
@@ -54,10 +55,13 @@ RAW_EVENT = struct.Struct("<QIIIIQIBBBBB7xQ")
 REG_KINDS = {1: "ioeventfd", 2: "coalesced", 3: "ioregion"}   # REG_IOEVENTFD, _ZONE, _IOREGION
 
 
-def compile_flags(have_fast_mmio, events=False, mirror=False, have_ioregion=False):
+def compile_flags(have_fast_mmio, events=False, mirror=False, have_ioregion=False,
+                  per_vcpu=False):
     """Optional parts are compiled only when used: a third of the compile
     time, which is most of the time to attach, goes to each."""
     flags = ["-Wno-ignored-attributes", "-Wno-unused-function"]
+    if per_vcpu:
+        flags.append("-DPER_VCPU")
     if events:
         flags.append("-DWITH_EVENTS")
     if mirror:
@@ -145,9 +149,10 @@ def preflight():
 class Tracer:
     """The loaded BPF program.  `pids`: trace only these processes and their
     children (None: every KVM VM on the host).  `events`: also send the
-    first N accesses one by one (event mode)."""
+    first N accesses one by one (event mode).  `per_vcpu`: keys name the
+    vCPU thread too (AccessKey.tid), so counts and latencies are per thread."""
 
-    def __init__(self, pids=None, events=None, mirror=False):
+    def __init__(self, pids=None, events=None, mirror=False, per_vcpu=False):
         preflight()
         path, _ = headers.find(build=True)
         if path is None:
@@ -164,7 +169,8 @@ class Tracer:
             self.bpf = BPF(src_file=BPF_SOURCE.encode(),
                            cflags=compile_flags(self.have_fast_mmio, events=bool(events),
                                                 mirror=mirror,
-                                                have_ioregion=self.have_ioregion))
+                                                have_ioregion=self.have_ioregion,
+                                                per_vcpu=per_vcpu))
         except Exception as e:   # BCC raises bare Exception for compile/attach
             raise UserError(f"loading the BPF program failed: {str(e).splitlines()[0]} "
                             "(see `ioregtrace doctor`)") from None
@@ -173,6 +179,7 @@ class Tracer:
         self.mirrored_binaries = {}          # path -> QemuBinary
         self._ring_open = False
         self.mirror = mirror
+        self.per_vcpu = per_vcpu
         self.layout_events = 0
         self.known_vms = {}                  # vm serial -> VmInfo, kept after exit
         # BCC's tables and ring buffers are not thread-safe; the exporter
@@ -321,19 +328,28 @@ class Tracer:
     def _snapshot(self):
         self.poll()
         snap = RawSnapshot(taken=time.monotonic())
-        for k, v in _items(self.bpf[b"accesses"]):
-            snap.accesses[(k.vm, _access_key(k))] = getattr(v, "value", v)
-        for k, v in _items(self.bpf[b"latencies"]):
+        accesses = _items(self.bpf[b"accesses"])
+        latencies = _items(self.bpf[b"latencies"])
+        snap.vms = self.snapshot_vms()      # after the keys: every key's vm is in it
+        key = self._per_vcpu_key if self.per_vcpu else _access_key
+        for k, v in accesses:
+            snap.accesses[(k.vm, key(k, snap.vms))] = getattr(v, "value", v)
+        for k, v in latencies:
             slots = list(v.slots)[:histogram.SLOTS]
-            snap.latencies[(k.vm, _access_key(k))] = LatencyStats(
+            snap.latencies[(k.vm, key(k, snap.vms))] = LatencyStats(
                 sum(slots), v.sum_ns, v.max_ns, slots)
-        snap.vms = self.snapshot_vms()
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf[b"counters"][ctypes.c_int(i)])
         for k in self.bpf[b"reg_history"].keys():
             snap.registrations.append((k.vm, REG_KINDS[k.kind], keys.Space(k.space),
                                        k.addr, k.size))
         return snap
+
+    @staticmethod
+    def _per_vcpu_key(k, vms):
+        """A PER_VCPU key holds the thread; the process is its VM's."""
+        info = vms.get(k.vm)
+        return dataclasses.replace(_access_key(k), pid=info.pid if info else 0, tid=k.pid)
 
     def close(self):
         self.bpf.cleanup()
@@ -388,6 +404,6 @@ def _items(table):
         return list(table.items())
 
 
-def _access_key(k):
+def _access_key(k, vms=None):
     return keys.AccessKey(k.pid, keys.Space(k.space), k.addr, k.size, keys.Op(k.op),
                           keys.Path(k.path), k.layout)

@@ -74,6 +74,11 @@ class Report:
     hidden: list = field(default_factory=list)    # rows past --top: still in every total
 
     @property
+    def per_vcpu(self):
+        """Rows are per vCPU thread (--per-vcpu)."""
+        return any(r.key.tid for r in self.all_rows)
+
+    @property
     def all_rows(self):
         return self.rows + self.hidden
 
@@ -103,7 +108,8 @@ SORTS = {
     "p99": _latency_field("p99_us"),
     "max": _latency_field("max_us"),
     "region": lambda r: (r.region is None, r.region or "", r.vm, -r.count, r.key),
-    "address": lambda r: (r.vm, r.key.space, r.key.address, r.key.op, r.key.path),
+    "address": lambda r: (r.vm, r.key.space, r.key.address, r.key.op, r.key.path,
+                          r.key.tid),
     "path": lambda r: (r.key.path, -r.count, r.key),
 }
 
@@ -179,20 +185,21 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
     grouping = GROUPS[mode]
     rows = {}
     for vm, key, count, region, calls in named:
-        group = grouping(vm, key, region)
+        group = grouping(vm, key, region) + (key.tid,)    # tid: 0 unless --per-vcpu
         stats = snapshot.latencies.get((vm, key))
         row = rows.get(group)
         if row is None:
             info = snapshot.vms.get(vm)
             row = rows[group] = Row(
-                key=AccessKey(key.pid, key.space, key.address, key.size, key.op, key.path),
+                key=AccessKey(key.pid, key.space, key.address, key.size, key.op, key.path,
+                              tid=key.tid),
                 vm=vm, comm=info.comm if info else "?", region=region, count=0,
                 vm_name=vm_names.get(vm), qemu_calls=calls[0], qemu_rejected=calls[1],
                 group=group)
         else:
             k = row.key
             row.key = AccessKey(k.pid, k.space, min(k.address, key.address),
-                                max(k.size, key.size), k.op, k.path)
+                                max(k.size, key.size), k.op, k.path, tid=k.tid)
             row.qemu_calls = _add(row.qemu_calls, calls[0])
             row.qemu_rejected = _add(row.qemu_rejected, calls[1])
         row.count += count

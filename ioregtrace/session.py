@@ -62,12 +62,14 @@ def process_exe(pid):
 
 class Session:
     def __init__(self, pids=(), cmd=(), duration=None, qmp=None, events=None, log=None,
-                 child_stdio=None):
+                 child_stdio=None, per_vcpu=False):
         """events: event mode, the first N accesses one by one (record).
+        per_vcpu: count and time per vCPU thread (stat --per-vcpu).
         child_stdio: where CMD's stdin/stdout/stderr go (None: ours; a
         full-screen view passes DEVNULL)."""
         self.pids = list(pids)
         self.events = events
+        self.per_vcpu = per_vcpu
         self.child_stdio = child_stdio
         self.cmd = list(cmd)
         self.duration = duration
@@ -127,7 +129,7 @@ class Session:
         if self.events is not None and self.events <= 0:
             raise UserError("--events must be > 0")
         self.tracer = Tracer(pids=initial if filtered else None, events=self.events,
-                             mirror=self._qemu_foreseen(filtered))
+                             mirror=self._qemu_foreseen(filtered), per_vcpu=self.per_vcpu)
         try:
             self._start_targets(filtered)
         except BaseException:

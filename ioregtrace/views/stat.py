@@ -27,12 +27,14 @@ def table(report, brief=False):
     duration = max(report.duration_s, 1e-9)
     by_region = report.by == "region"
     show_calls = any(r.qemu_calls is not None for r in report.rows)
+    per_vcpu = report.per_vcpu
     body = []
     for r in report.rows:
         lat = r.latency
         address = f"{r.key.address:#x}" + ("+" if by_region and len(r.addresses) > 1 else "")
         size = ",".join(str(s) for s in sorted(r.sizes)) if by_region else r.key.size
-        line = [who(r), r.region if r.region is not None else "(unassigned)",
+        line = [who(r)] + ([r.key.tid] if per_vcpu else []) + [
+                r.region if r.region is not None else "(unassigned)",
                 str(r.key.space), address, size, str(r.key.op), str(r.key.path), r.count]
         if show_calls:
             line.append(r.qemu_calls if r.qemu_calls is not None else "-")
@@ -42,6 +44,9 @@ def table(report, brief=False):
         body.append(line)
     headers = ["PID/COMM", "REGION", "SPACE", "ADDRESS", "SIZE", "OP", "PATH", "COUNT"]
     align = ["left", "left", "left", "right", "right", "left", "left", "right"]
+    if per_vcpu:
+        headers.insert(1, "TID")
+        align.insert(1, "right")
     if show_calls:
         headers.append("CALLS")
         align.append("right")
@@ -105,6 +110,8 @@ def to_json(report):
         }
         if r.vm_name is not None:
             row["vm_name"] = r.vm_name
+        if r.key.tid:
+            row["tid"] = r.key.tid
         if report.by == "region":
             row["addresses"] = len(r.addresses)
             row["sizes"] = {str(size): n for size, n in sorted(r.sizes.items())}
@@ -120,8 +127,8 @@ def to_json(report):
             "notes": report.notes}
 
 
-CSV_COLUMNS = ("pid", "comm", "vm_name", "region", "space", "address", "size", "op", "path",
-               "count", "rate_per_s", "p50_us", "p99_us", "max_us")
+CSV_COLUMNS = ("pid", "tid", "comm", "vm_name", "region", "space", "address", "size", "op",
+               "path", "count", "rate_per_s", "p50_us", "p99_us", "max_us")
 
 
 def csv_rows(report):
@@ -132,7 +139,8 @@ def csv_rows(report):
     out = []
     for r in report.rows:
         lat = r.latency
-        out.append([r.key.pid, r.comm, r.vm_name or "", r.region or "", str(r.key.space),
+        out.append([r.key.pid, r.key.tid or "", r.comm, r.vm_name or "", r.region or "",
+                    str(r.key.space),
                     f"{r.key.address:#x}", r.key.size, str(r.key.op), str(r.key.path), r.count,
                     f"{r.count / duration:.3f}"] +
                    ["" if lat is None else f"{v:.3f}"

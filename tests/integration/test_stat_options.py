@@ -107,3 +107,53 @@ def test_sigterm_prints_the_interval_in_progress_and_leaves_nothing(tracing_host
     demo = subprocess.run(["pgrep", "-f", "ioregtrace demo --repeat 100000"],
                           capture_output=True, text=True)
     assert demo.stdout == "", "the demo outlived ioregtrace"
+
+
+def test_per_vcpu_rows_add_up_to_the_truth(tracing_host, tmp_path):
+    """The demo's one vCPU runs in its main thread: every row names it."""
+    out, truth = tmp_path / "stat.json", tmp_path / "truth.json"
+    res = run_cli("stat", "--json", "--per-vcpu", "--by", "address", "-o", str(out),
+                  *_demo("--truth", str(truth)))
+    assert res.returncode == 0, res.stderr
+    doc = load_json(out)
+    assert {r["tid"] for r in doc["rows"]} == {r["pid"] for r in doc["rows"]}
+    assert count_rows(doc) == count_rows(load_json(truth))
+
+
+# One VMM process, two vCPU threads running the demo's guest at different
+# scales (each its own VM: the demo VMM has one vCPU), each thread's own
+# truth kept by its native thread id.
+TWO_VCPU_THREADS = """
+import json, sys, threading
+from ioregtrace.demo.mix import build_mix
+from ioregtrace.demo.run import truth_document
+from ioregtrace.demo.vmm import DemoVM
+
+truths = {}
+def vcpu(scale):
+    vm = DemoVM(build_mix(scale, None), delay_s=0.0002)
+    try:
+        vm.load_program()
+        elapsed = vm.run_guest()
+    finally:
+        vm.close()
+    truths[threading.get_native_id()] = truth_document(vm, elapsed)
+threads = [threading.Thread(target=vcpu, args=(s,)) for s in (0.2, 0.5)]
+for t in threads: t.start()
+for t in threads: t.join()
+json.dump({str(tid): doc for tid, doc in truths.items()}, open(sys.argv[1], "w"))
+"""
+
+
+def test_per_vcpu_rows_equal_each_thread_truth(tracing_host, tmp_path):
+    import sys
+    out, truth = tmp_path / "stat.json", tmp_path / "truth.json"
+    res = run_cli("stat", "--json", "--per-vcpu", "--by", "address", "-o", str(out), "--",
+                  sys.executable, "-c", TWO_VCPU_THREADS, str(truth))
+    assert res.returncode == 0, res.stderr
+    doc, truths = load_json(out), load_json(truth)
+    assert len(truths) == 2 and len({r["pid"] for r in doc["rows"]}) == 1
+    for tid, expected in truths.items():
+        rows = {"rows": [r for r in doc["rows"] if r["tid"] == int(tid)]}
+        assert count_rows(rows) == count_rows(expected), tid
+    assert {r["tid"] for r in doc["rows"]} == {int(tid) for tid in truths}
