@@ -36,8 +36,8 @@ class Recording:
     created: str = ""
 
 
-def render(recording, by="auto"):
-    """The Report every view prints."""
+def vm_regions_and_names(recording):
+    """({vm serial: QemuRegions} where QEMU's map is known, {serial: name})."""
     vm_regions, vm_names = {}, {}
     for serial, facts in recording.vms.items():
         h = facts.history
@@ -45,5 +45,11 @@ def render(recording, by="auto"):
             vm_regions[serial] = QemuRegions(h, facts.region_ops)
         if facts.name is not None:
             vm_names[serial] = facts.name
+    return vm_regions, vm_names
+
+
+def render(recording, by="auto"):
+    """The Report every view prints."""
+    vm_regions, vm_names = vm_regions_and_names(recording)
     return report_mod.build(recording.snapshot, recording.duration_s, vm_regions=vm_regions,
                             vm_names=vm_names, by=by, notes=recording.notes)

@@ -4,6 +4,7 @@ tree): the ioeventfd, coalesced zone or ioregion the address belongs to
 by convention (the ones kvm.ko can emulate), else `mmio@0x...` / `pio@0x...`."""
 
 from .keys import Space
+from .qemu.ops import handler_calls
 
 # (space, base, length, name): x86 conventional addresses of the devices
 # kvm.ko emulates (arch/x86/kvm: lapic.c, ioapic.h, i8254.c, i8259.c).
@@ -52,8 +53,18 @@ class QemuRegions:
 
     def __init__(self, history, region_ops=None):
         self.history = history
-        self.region_ops = region_ops or {}
+        self.region_ops = region_ops if region_ops is not None else {}
         self.mirror_ok, self.why = history.verify()
+        self._mirrored = history.mirrored
+        # The history's lookups stay valid while what they were made from
+        # does: its sections (add_section clears them), the QMP maps, the
+        # check's verdict and the region ops.
+        stamp = (id(history.base), id(history.final), self.mirror_ok, id(self.region_ops),
+                 len(self.region_ops))
+        if history.lookups_stamp != stamp:
+            history.lookups.clear()
+            history.lookups_stamp = stamp
+        self._lookups = history.lookups
         self.notes = []
         self.assumed = set()      # regions whose accepts() callback was taken to accept
         if history.mirrored and not self.mirror_ok:
@@ -65,28 +76,42 @@ class QemuRegions:
     def layout(self, gen):
         """The FlatLayout that served generation `gen`, or None."""
         h = self.history
-        if h.mirrored and (self.mirror_ok or h.final is None):
+        if self._mirrored and (self.mirror_ok or h.final is None):
             return h.layout_at(gen)
         return h.final or h.base
 
     def flat_range(self, key):
         """(known, FlatRange or None): whether the map of the access's space
         is known, and the range serving it (None: unassigned)."""
-        layout = self.layout(key.layout)
-        if layout is None or not layout.ranges.get(key.space):
-            return False, None
-        return True, layout.region(key.space, key.address)
+        where = (key.space, key.layout, key.address)
+        found = self._lookups.get(where)
+        if found is None:
+            layout = self.layout(key.layout)
+            if layout is None or not layout.ranges.get(key.space):
+                found = False, None
+            else:
+                found = True, layout.region(key.space, key.address)
+            self._lookups[where] = found
+        return found
 
     def handler_calls(self, key, rng, count):
         """(calls, rejected): how often QEMU called the region's handler for
         `count` such accesses, and how many pieces it refused; None when
         QEMU's access constraints are unknown.  Regions with an accepts()
         callback are collected in `assumed` (it is taken to accept)."""
-        from .qemu.ops import handler_calls
-        ops = self.region_ops.get(self.history.mr_for(rng)) if rng is not None else None
-        if ops is None:
+        if rng is None:
             return None
-        if ops.has_accepts:
+        where = ("calls", key.space, key.layout, key.address, key.size)
+        found = self._lookups.get(where)
+        if found is None:
+            ops = self.region_ops.get(self.history.mr_for(rng))
+            found = (None if ops is None else
+                     (ops.has_accepts,
+                      handler_calls(key.size, key.address - rng.start + rng.offset, ops)))
+            self._lookups[where] = found or (False, None)
+        if not found or found[1] is None:
+            return None
+        has_accepts, (calls, rejected) = found
+        if has_accepts:
             self.assumed.add(rng.name)
-        calls, rejected = handler_calls(key.size, key.address - rng.start + rng.offset, ops)
         return count * calls, count * rejected

@@ -42,9 +42,12 @@ def extras(lost=0, events_short=0):
     return out
 
 
-def verdicts(k, u, attach=1.0, soak=None, bpf=None, **kw):
+SCRAPE = {"median": 0.2, "max": 0.3, "bytes": 1 << 20}
+
+
+def verdicts(k, u, attach=1.0, soak=None, bpf=None, scrape=SCRAPE, **kw):
     return bench.verdicts({"in-kernel": k, "userspace": u}, extras(**kw), {"median": attach},
-                          soak, bpf or bpf_figures())
+                          scrape, soak, bpf or bpf_figures())
 
 
 def checks(*args, **kw):
@@ -67,6 +70,7 @@ def test_each_target_can_fail():
     u = overheads(floor=0.01, ioregtrace_stat=0.06, ioregtrace_record=0.08, bpftrace=0.05,
                   perf_stat=0.05, perf_record=0.07)
     result = checks(k, u, attach=2.5, lost=1, events_short=3,
+                    scrape={"median": 0.3, "max": 0.6, "bytes": 1},
                     soak={"start": {"rss_kib": 100}, "end": {"rss_kib": 110}, "minutes": 1},
                     bpf=bpf_figures(stat_k=80, bpftrace_k=70, stat_u=800, bpftrace_u=270,
                                     hook=300, cpu_u=20000))
@@ -113,7 +117,7 @@ def test_aggregate_short_count_fails():
     ex = extras()
     ex["userspace"]["ioregtrace stat (aggregate)"][0]["counted"] = 99
     result = {name: ok for name, ok, _ in bench.verdicts(
-        {"in-kernel": k, "userspace": k}, ex, {"median": 1.0}, None, bpf_figures())}
+        {"in-kernel": k, "userspace": k}, ex, {"median": 1.0}, SCRAPE, None, bpf_figures())}
     assert result["aggregate: 0 lost"] is False
 
 
@@ -146,3 +150,4 @@ def test_in_kernel_bpf_ratio_is_the_median_of_the_paired_repeats():
     assert ratio_check([1.59, 0.92, 0.8, 1.0])            # median 0.96
     assert not ratio_check([1.59, 1.4, 1.35, 0.92])       # median 1.375
     assert not checks(k, u, bpf=bpf_figures(stat_k=44, floor_k=32))[name]   # no pairs: nets
+

@@ -174,3 +174,38 @@ def test_address_labels_are_capped_by_default():
     assert len(series) == 1000 + 1                  # and one `other`
     assert sum(v for (name, _), v in samples.items()
                if name == "ioregtrace_accesses_total") == 3000
+
+
+def test_a_scrape_looks_up_only_keys_it_has_not_named(monkeypatch):
+    """Issue 16, defect 6: one QEMU's VGA memory is ~20,000 keys, and every
+    scrape named each of them again (0.4-3 s a scrape).  The names of a key
+    stay while the memory map it was made in does: a scrape looks up only
+    keys it has not seen, and a change of the map starts over."""
+    from ioregtrace.qemu.layout import LayoutHistory
+    from ioregtrace.qemu.mtree import FlatLayout
+    from ioregtrace.recording import VmFacts
+    lookups = []
+    region = FlatLayout.region
+    monkeypatch.setattr(FlatLayout, "region",
+                        lambda self, *a: lookups.append(a) or region(self, *a))
+    history = LayoutHistory()
+    history.add_section(1, Space.MMIO, 0xA, 0xA0000, 0x20000, "vga-lowmem", 0, 0x100)
+    s = FakeSession()
+    s.vms = {1: VmInfo(7, 1, True, "qemu")}
+    s.accesses = {(1, AccessKey(7, Space.MMIO, 0xA0000 + i, 1, Op.WRITE, Path.COALESCED, 1)): 2
+                  for i in range(20000)}
+    facts = {1: VmFacts(1, history=history)}
+    recording = s.recording
+    s.recording = lambda live=False: Recording(recording().snapshot, 1.0, vms=facts)
+    exp = exporter.Exporter(s, by="address", max_series=100)
+    first = scrape(exp)
+    assert len(lookups) == 20000
+    s.accesses[(1, AccessKey(7, Space.MMIO, 0xC0000, 1, Op.WRITE, Path.COALESCED, 1))] = 1
+    again = scrape(exp)
+    assert len(lookups) == 20001                  # the new key alone
+    total = lambda samples: sum(v for (name, _), v in samples.items()  # noqa: E731
+                                if name == "ioregtrace_accesses_total")
+    assert total(first) == 40000 and total(again) == 40001
+    history.add_section(2, Space.MMIO, 0xB, 0xA0000, 0x20000, "vga-lowmem", 0, 0x100)
+    scrape(exp)
+    assert len(lookups) == 40002                  # a new map: every key named again

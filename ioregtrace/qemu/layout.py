@@ -31,11 +31,17 @@ class LayoutHistory:
         self.base = None          # FlatLayout at generation 0 (attach snapshot)
         self.final = None         # FlatLayout from QMP at the end
         self._cache = {}
+        # What regions.QemuRegions looked up, kept from one refresh of a
+        # live view to the next: a guest's VGA memory is tens of thousands
+        # of addresses, and a region lookup is the bulk of a refresh.
+        self.lookups = {}
+        self.lookups_stamp = None
 
     # -- building ---------------------------------------------------------
 
     def add_section(self, gen, space, fv, start, size, name, offset, mr):
         self._cache.clear()
+        self.lookups.clear()
         views = self.views[space]
         if not views or views[-1].fv != fv or views[-1].gen != gen:
             views.append(View(gen, space, fv))

@@ -30,8 +30,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from .. import __version__, histogram
 from ..keys import Path
 from ..probes import COUNTERS
-from ..recording import render
-from ..report import merge_stats
+from ..recording import vm_regions_and_names
+from ..report import merge_stats, name_accesses
 
 OTHER = "other"
 # Histogram buckets: the kernel's log2 octaves (its 8 sub-buckets summed), in
@@ -120,23 +120,35 @@ class Exporter:
     def _build(self, now):
         with self.session.tracer.lock:
             recording = self.session.recording(live=True)
-        self._vms = recording.snapshot.vms
+        snapshot = recording.snapshot
+        self._vms = snapshot.vms
         self._expire(self._vms, now)
-        rep = render(recording, by="address" if self.by == "address" else "region")
+        # Straight from the named keys to label sets: no report rows, no
+        # sorting, no notes (one QEMU is tens of thousands of keys).
+        vm_regions, vm_names = vm_regions_and_names(recording)
+        named, _ = name_accesses(snapshot, vm_regions)
         counts = collections.Counter()
         stats = {}
-        for row in rep.rows:
-            if row.vm in self.dropped_vms:
+        vm_part = {}
+        for vm, key, count, region, _calls in named:
+            if vm in self.dropped_vms:
                 continue
-            labels = (self._vm_label(row.vm, row.key.pid, row.vm_name or row.comm),
-                      str(row.key.pid),
-                      row.region if row.region is not None else "unassigned",
-                      str(row.key.space), str(row.key.op), str(row.key.path))
+            head = vm_part.get((vm, key.pid))
+            if head is None:
+                info = self._vms.get(vm)
+                name = vm_names.get(vm) or (info.comm if info else "?")
+                head = vm_part[(vm, key.pid)] = (self._vm_label(vm, key.pid, name),
+                                                  str(key.pid))
+            labels = head + (region if region is not None else "unassigned",
+                             str(key.space), str(key.op), str(key.path))
             if self.by == "address":
-                labels += (f"{row.key.address:#x}",)
-            counts[labels] += row.count
-            if row.stats is not None:
-                stats[labels] = merge_stats(stats.get(labels), row.stats)
+                labels += (f"{key.address:#x}",)
+            counts[labels] += count
+            latency = snapshot.latencies.get((vm, key))
+            if latency is not None:
+                stats[labels] = merge_stats(stats.get(labels), latency)
+        c = snapshot.counters
+        lost_events = c.get("lost_events", 0) + c.get("lost_raw_events", 0)
         self._forget_dropped()
         series, other = self._cap(counts)
 
@@ -168,10 +180,10 @@ class Exporter:
                                          histogram_buckets(s.slots), s.sum_ns / 1e9)
         lost = CounterMetricFamily("ioregtrace_lost_events", "Events the tracer saw but "
                                    "could not process.")
-        lost.add_metric([], rep.lost_events)
+        lost.add_metric([], lost_events)
         dropped = CounterMetricFamily("ioregtrace_dropped_keys", "Accesses not counted "
                                       "because the tracer's accesses map was full.")
-        dropped.add_metric([], rep.dropped_keys)
+        dropped.add_metric([], c.get("dropped_accesses", 0))
         # Every counter of the BPF side, so that no drop goes unseen (the
         # latency map's, the registration tables', the VM table's, ...).
         diagnostics = CounterMetricFamily(
@@ -179,7 +191,7 @@ class Exporter:
             "accesses, samples and events it dropped or could not attribute.",
             labels=["counter"])
         for name in COUNTERS:
-            diagnostics.add_metric([name], rep.diagnostics.get(name, 0))
+            diagnostics.add_metric([name], c.get(name, 0))
         vms = GaugeMetricFamily("ioregtrace_vms", "VMM processes traced and running.")
         vms.add_metric([], sum(1 for s, i in self._vms.items()
                                if not i.exited_ns and s not in self.dropped_vms))
@@ -202,7 +214,9 @@ class Exporter:
     def _cap(self, counts):
         """(admitted series, {path: other count}) under --max-series."""
         series, other = {}, collections.Counter(self.other_base)
-        for labels in sorted(counts, key=lambda k: self.admitted.get(k, float("inf"))):
+        # Those admitted before keep their place; new ones come busiest first.
+        order = lambda k: (self.admitted.get(k, float("inf")), -counts[k], k)  # noqa: E731
+        for labels in sorted(counts, key=order):
             if labels not in self.admitted and labels not in self.folded:
                 if self.max_series is None or len(self.admitted) < self.max_series:
                     self.admitted[labels] = len(self.admitted) + len(self.folded)
