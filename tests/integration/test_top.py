@@ -1,6 +1,7 @@
 """Acceptance 1 (issue 5): ioregtop in a real terminal (tmux) against the
 demo VM: the rows, and the keys."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,13 +14,18 @@ from conftest import BIN, IOREGTRACE
 pytestmark = pytest.mark.integration
 
 SESSION = "ioregtop-test"
+# A tmux server of our own: one shared with other test runs (another
+# worktree's) would clash on the session name and would start the command
+# with that server's environment, not ours (PYTHONPATH, see conftest).
+SOCKET = f"ioregtop-test-{os.getpid()}"
 DEMO = [IOREGTRACE, "demo", "--scale", "0", "--set", "inline-read=20000",
         "--set", "forward-read=100", "--set", "pio-out=5000", "--set", "doorbell=20000",
         "--delay-us", "2000", "--repeat", "1000"]
 
 
 def tmux(*args):
-    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(["tmux", "-L", SOCKET, *args], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def screen():
@@ -49,11 +55,10 @@ def top(tracing_host, tmp_path):
         pytest.fail("tmux is not installed (make setup installs it)")
     status = tmp_path / "status"
     command = " ".join([f"{BIN}/ioregtop", "-i", "0.5", "--", *DEMO])
-    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
     tmux("new-session", "-d", "-s", SESSION, "-x", "80", "-y", "24",
          f"{command}; echo EXIT=$? > {status}; sleep 30")
     yield status
-    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    subprocess.run(["tmux", "-L", SOCKET, "kill-server"], capture_output=True)
 
 
 def test_ioregtop_rows_and_keys(top):
