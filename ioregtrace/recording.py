@@ -36,8 +36,9 @@ class Recording:
     created: str = ""
 
 
-def render(recording, by="auto"):
-    """The Report every view prints."""
+def naming(recording):
+    """({vm serial: QemuRegions} for the VMs whose QEMU memory map is
+    known, {vm serial: name})."""
     vm_regions, vm_names = {}, {}
     for serial, facts in recording.vms.items():
         h = facts.history
@@ -45,5 +46,11 @@ def render(recording, by="auto"):
             vm_regions[serial] = QemuRegions(h, facts.region_ops)
         if facts.name is not None:
             vm_names[serial] = facts.name
+    return vm_regions, vm_names
+
+
+def render(recording, by="auto"):
+    """The Report every view prints."""
+    vm_regions, vm_names = naming(recording)
     return report_mod.build(recording.snapshot, recording.duration_s, vm_regions=vm_regions,
                             vm_names=vm_names, by=by, notes=recording.notes)

@@ -103,6 +103,18 @@ def _add(a, b):
     return None if a is None or b is None else a + b
 
 
+def region_of(vm, key, qemu, fallback):
+    """(region name or None, QEMU's FlatRange or None, map_unknown) of one
+    access key: QEMU's name (None: unassigned) when `qemu` (its
+    regions.QemuRegions) knows the map of the key's space, else the
+    fallback name; map_unknown says a QEMU's map was not known."""
+    if qemu is not None:
+        known, rng = qemu.flat_range(key)
+        if known:
+            return (rng.name if rng is not None else None), rng, False
+    return fallback.name(vm, key.space, key.address), None, qemu is not None
+
+
 def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes=()):
     """vm_regions: {vm serial: regions.QemuRegions} for VMs whose QEMU
     memory map is known; vm_names: {vm serial: name}; by: "address",
@@ -114,18 +126,12 @@ def build(snapshot, duration_s, vm_regions=None, vm_names=None, by="auto", notes
     named = []
     for (vm, key), count in snapshot.accesses.items():
         qemu = vm_regions.get(vm)
-        region, calls = None, (None, None)
-        if qemu is not None:
-            known, rng = qemu.flat_range(key)
-            if known:
-                region = rng.name if rng is not None else None
-                if key.path in QEMU_DISPATCHED and rng is not None:
-                    calls = qemu.handler_calls(key, rng, count) or (None, None)
-            else:
-                unknown_maps[vm] += count
-                region = fallback.name(vm, key.space, key.address)
-        else:
-            region = fallback.name(vm, key.space, key.address)
+        region, rng, map_unknown = region_of(vm, key, qemu, fallback)
+        calls = (None, None)
+        if map_unknown:
+            unknown_maps[vm] += count
+        elif key.path in QEMU_DISPATCHED and rng is not None:
+            calls = qemu.handler_calls(key, rng, count) or (None, None)
         named.append((vm, key, count, region, calls))
 
     mode = by if by != "auto" else (BY_REGION if vm_regions else BY_ADDRESS)
