@@ -1,9 +1,11 @@
 """ioregtop: the live, top-like view.
 
 TopModel holds everything but the screen (interval deltas, grouping,
-sorting, the pid filter) so it can be tested without a terminal; draw()
-and run() are the curses part.  Every `interval` the maps are read once;
-rates and latency quantiles are for the last interval, totals since start.
+sorting, the pid filter) and LiveView what the clock and the keys do, so
+both can be tested without a terminal; draw() and run() are the curses
+part, batch() the plain-text frames of `ioregtop -b`.  Every `interval`
+the maps are read once; rates and latency quantiles are for the last
+interval, totals since start.
 """
 
 import collections
@@ -27,7 +29,7 @@ HELP = (
     "  q      quit",
     "  s      sort by the next column: rate, total, p99, name",
     "  g      group rows by region, address, or path only",
-    "  p      show one pid only (empty: all)",
+    "  p      show one VM's pid only (empty: all, Esc: cancel)",
     "  space  pause / resume",
     "  h      this help (any key closes it)",
     "",
@@ -245,6 +247,25 @@ class TopModel:
         self.dropped = c.get("dropped_accesses", 0)
         self.vms = vms_alive if vms_alive is not None else len(cur.vms)
 
+    def conclude(self, recording, now, vms_alive=None):
+        """The final table: a last refresh, then every row's rate and
+        round-trip quantiles over the whole session (the last interval may
+        be a fraction of one)."""
+        self.refresh(recording, now, vms_alive)
+        duration = max(recording.duration_s, 1e-3)
+        stats = {}
+        for vk, s in self._latencies.items():
+            group = self._where.get(vk)
+            if group in self._tallies:
+                stats[group] = merge_stats(stats.get(group), s)
+        for group, t in self._tallies.items():
+            lat = latency_of(stats.get(group))
+            t.row.rate = t.row.total / duration
+            t.row.p50_us = lat.p50_us if lat else None
+            t.row.p99_us = lat.p99_us if lat else None
+        self.rate = self.total / duration
+        self._visible = None
+
     def _follow_vms(self, recording):
         """Who each VM is: its name (from QMP, may come late), else its comm."""
         _, vm_names = naming(recording)
@@ -386,16 +407,18 @@ def layout(width):
     return {"who": who, "label": left - who - (1 if who else 0)}
 
 
-def lines(model, width, height, status):
-    """The screen as text lines (the curses part only paints them)."""
+def lines(model, width, height, status, keys=True):
+    """The screen as text lines (the curses part only paints them); height
+    None: every row (batch frames, the final table)."""
     w = layout(width)
     host, kernel = platform.node(), platform.release()
     names = ", ".join(f"{pid} {who}" for pid, who in model.traced)
     out = [f"ioregtop  {host}  kernel {kernel}  {status}  {time.strftime('%H:%M:%S')}",
            f"accesses/s: {model.rate:.0f}  total: {model.total}  lost: {model.lost}  "
            f"dropped: {model.dropped}  VMs: {model.vms} ({names or 'none yet'})",
-           f"group: {model.group}  sort: {model.sort}  pid: {model.pid or 'all'}"
-           "   h help  q quit", ""]
+           f"group: {model.group}  sort: {model.sort}  "
+           f"pid: {'all' if model.pid is None else model.pid}"
+           + ("   h help  q quit" if keys else ""), ""]
     who = lambda text: f"{_fit(text, w['who']):<{w['who']}} " if w["who"] else ""  # noqa: E731
     label = "ADDRESS:SIZES" if model.group == "address" else "REGION"
     header = (f"{'PID':>6} {who('VM')}{_fit(label, w['label']):<{w['label']}} "
@@ -404,88 +427,161 @@ def lines(model, width, height, status):
     out.append(header)
     rows = model.visible()
     grand = model.total or 1
-    for r in rows[:max(0, height - len(out) - 1)]:
+    for r in rows if height is None else rows[:max(0, height - len(out) - 1)]:
         out.append(f"{r.pid:>6} {who(r.who)}{_fit(r.label, w['label'], r.keep):<{w['label']}} "
                    f"{r.path:<{PATH_WIDTH}} {r.ops:<2} {r.rate:>8.1f} {r.total:>9} "
                    f"{100.0 * r.total / grand:>5.1f} {_us(r.p50_us):>7} {_us(r.p99_us):>7}")
     if not rows:
         out.append("(no guest device accesses yet)" if model.pid is None
                    else f"(no rows for pid {model.pid})")
-    return [line[:max(0, width - 1)] for line in out[:height]]
+    return [line[:max(0, width - 1)] for line in (out if height is None else out[:height])]
 
 
-def draw(scr, model, status, message="", help_shown=False):
+def draw(scr, view):
     height, width = scr.getmaxyx()
     scr.erase()
-    text = HELP if help_shown else lines(model, width, height - 1, status)
+    text = HELP if view.help_shown else lines(view.model, width, height - 1, view.status)
     for y, line in enumerate(text[:height - 1]):
-        attr = curses.A_REVERSE if (not help_shown and y == 4) else curses.A_NORMAL
+        attr = curses.A_REVERSE if (not view.help_shown and y == 4) else curses.A_NORMAL
         scr.addstr(y, 0, line[:max(0, width - 1)], attr)
-    if message:
-        scr.addstr(height - 1, 0, message[:max(0, width - 1)])
+    bottom = view.bottom_line()
+    if bottom:
+        scr.addstr(height - 1, 0, bottom[:max(0, width - 1)])
     scr.refresh()
 
 
-def _ask_pid(scr):
-    height, width = scr.getmaxyx()
-    prompt = "pid (empty: all): "
-    scr.addstr(height - 1, 0, " " * (width - 1))
-    scr.addstr(height - 1, 0, prompt)
-    curses.echo()
-    scr.timeout(-1)
-    try:
-        text = scr.getstr(height - 1, len(prompt), 12).decode(errors="replace").strip()
-    finally:
-        curses.noecho()
+ENTER = (10, 13, curses.KEY_ENTER)
+BACKSPACE = (8, 127, curses.KEY_BACKSPACE)
+ESCAPE = 27
+PID_DIGITS = 10            # /proc/sys/kernel/pid_max is at most 2^22
+
+
+class PidPrompt:
+    """The `p` prompt, typed into one key at a time while the view goes on
+    refreshing (a blocking getstr() froze the screen)."""
+
+    PROMPT = "pid (empty: all, Esc: cancel): "
+
+    def __init__(self):
+        self.text = ""
+
+    def key(self, ch):
+        """Returns "done", "cancel", or None while typing goes on."""
+        if ch in ENTER:
+            return "done"
+        if ch == ESCAPE:
+            return "cancel"
+        if ch in BACKSPACE:
+            self.text = self.text[:-1]
+        elif 32 <= ch < 127 and len(self.text) < PID_DIGITS + 2:
+            self.text += chr(ch)
+        return None
+
+    def line(self):
+        return self.PROMPT + self.text + "_"
+
+
+def pid_filter(text, traced):
+    """(pid or None for all, error): what the `p` prompt's `text` asks for,
+    given the traced VMs' [(pid, name)].  Not a number, or no traced VM's
+    pid, is refused in words and leaves the filter as it was."""
+    text = text.strip()
     if not text:
-        return None, ""
-    if text.isdigit():
-        return int(text), ""
-    return "keep", f"not a pid: {text}"
+        return None, None
+    if not text.isdigit() or int(text) == 0 or len(text) > PID_DIGITS:
+        return "keep", f"not a pid: {text!r}"
+    pid = int(text)
+    if pid not in {p for p, _ in traced}:
+        known = ", ".join(f"{p} {name}" for p, name in traced) or "none yet"
+        return "keep", f"pid {pid} is not a traced VM (traced: {known})"
+    return pid, None
 
 
-def run(session, interval):
-    """The live view until q, Ctrl-C, or the end of the session.  Returns
-    True when the user quit."""
-    model = TopModel()
-    quit_pressed = [False]
+class LiveView:
+    """What the keys and the clock do to the view, apart from curses (so a
+    test can drive it with a scripted screen): refresh every `interval`,
+    at most `count` times, and the keys."""
+
+    def __init__(self, session, interval, count=None, model=None):
+        self.session = session
+        self.interval = interval
+        self.count = count
+        self.model = model or TopModel()
+        self.refreshes = 0
+        self.next_refresh = 0.0
+        self.message = ""
+        self.help_shown = False
+        self.prompt = None
+        self.quit_pressed = False
+
+    @property
+    def status(self):
+        return "PAUSED" if self.model.paused else "tracing"
+
+    @property
+    def counted_out(self):
+        return self.count is not None and self.refreshes >= self.count
+
+    def tick(self, now):
+        """Refresh when due.  Returns whether it did."""
+        if now < self.next_refresh or self.model.paused or self.counted_out:
+            return False
+        self.model.refresh(self.session.recording(live=True), now, self.session.vms_alive())
+        self.refreshes += 1
+        self.next_refresh = now + self.interval
+        return True
+
+    def bottom_line(self):
+        return self.prompt.line() if self.prompt is not None else self.message
+
+    def key(self, ch):
+        """One key.  Returns True when it quits."""
+        if self.prompt is not None:
+            what = self.prompt.key(ch)
+            if what == "done":
+                pid, self.message = pid_filter(self.prompt.text, self.model.traced)
+                self.message = self.message or ""
+                if pid != "keep":
+                    self.model.pid = pid
+            if what is not None:
+                self.prompt = None
+            return False
+        self.message = ""
+        if self.help_shown:
+            self.help_shown = False
+        elif ch in (ord("q"), ord("Q")):
+            self.quit_pressed = True
+        elif ch == ord("s"):
+            self.model.cycle_sort()
+        elif ch == ord("g"):
+            self.model.cycle_group()
+        elif ch == ord(" "):
+            self.model.paused = not self.model.paused
+        elif ch == ord("h"):
+            self.help_shown = True
+        elif ch == ord("p"):
+            self.prompt = PidPrompt()
+        return self.quit_pressed
+
+
+def run(session, interval, count=None):
+    """The live view until q, Ctrl-C, `count` refreshes, or the end of the
+    session.  Returns the LiveView (quit_pressed, counted_out, its model)."""
+    view = LiveView(session, interval, count)
 
     def loop(scr):
         curses.curs_set(0)
         scr.timeout(100)
-        next_refresh, message, help_shown = 0.0, "", False
         with session.stop_signals() as stop:
-            while not stop.is_set() and not session.done():
-                now = time.monotonic()
-                if now >= next_refresh and not model.paused:
-                    model.refresh(session.recording(live=True), now, session.vms_alive())
-                    next_refresh = now + interval
+            while not stop.is_set() and not session.done() and not view.counted_out:
+                view.tick(time.monotonic())
                 session.tracer.poll()
-                status = "PAUSED" if model.paused else "tracing"
-                draw(scr, model, status, message, help_shown)
+                draw(scr, view)
                 ch = scr.getch()
                 if ch == -1 or ch == curses.KEY_RESIZE:
                     continue
-                message = ""
-                if help_shown:
-                    help_shown = False
-                elif ch in (ord("q"), ord("Q")):
-                    quit_pressed[0] = True
+                if view.key(ch):
                     return
-                elif ch == ord("s"):
-                    model.cycle_sort()
-                elif ch == ord("g"):
-                    model.cycle_group()
-                    next_refresh = 0.0
-                elif ch == ord(" "):
-                    model.paused = not model.paused
-                elif ch == ord("h"):
-                    help_shown = True
-                elif ch == ord("p"):
-                    pid, message = _ask_pid(scr)
-                    if pid != "keep":
-                        model.pid = pid
-                    scr.timeout(100)
 
     os.environ.setdefault("ESCDELAY", "25")
     # Follow the terminal's real size as it changes, not LINES/COLUMNS
@@ -493,4 +589,26 @@ def run(session, interval):
     for name in ("LINES", "COLUMNS"):
         os.environ.pop(name, None)
     curses.wrapper(loop)
-    return quit_pressed[0]
+    return view
+
+
+def frame(model, width, status):
+    """One plain-text frame: the screen's lines, every row."""
+    return "\n".join(lines(model, width, None, status, keys=False)) + "\n"
+
+
+def batch(session, interval, count, out, width):
+    """`ioregtop -b`: a frame to `out` every `interval` until `count`
+    frames, Ctrl-C, or the end of the session.  Returns the LiveView."""
+    view = LiveView(session, interval, count)
+    with session.stop_signals() as stop:
+        while not session.done() and not view.counted_out:
+            if view.tick(time.monotonic()):
+                if view.refreshes > 1:
+                    out.write("\n")
+                out.write(frame(view.model, width, "tracing"))
+                out.flush()
+            if stop.wait(min(0.1, interval)):
+                break
+            session.tracer.poll()
+    return view
