@@ -175,6 +175,10 @@ class Tracer:
         self.mirror = mirror
         self.layout_events = 0
         self.known_vms = {}                  # vm serial -> VmInfo, kept after exit
+        # Map key bytes -> (vm serial, AccessKey), made once per key: ioregtop
+        # reads the maps every second, and one QEMU has tens of thousands of
+        # keys, whose AccessKeys cost more to build than the map to read.
+        self._access_keys = {}
         # BCC's tables and ring buffers are not thread-safe; the exporter
         # reads from its HTTP threads while the session polls.
         self.lock = threading.RLock()
@@ -322,11 +326,11 @@ class Tracer:
         self.poll()
         snap = RawSnapshot(taken=time.monotonic())
         for k, v in _items(self.bpf[b"accesses"]):
-            snap.accesses[(k.vm, _access_key(k))] = getattr(v, "value", v)
+            snap.accesses[self._vm_key(k)] = getattr(v, "value", v)
         for k, v in _items(self.bpf[b"latencies"]):
             slots = list(v.slots)[:histogram.SLOTS]
-            snap.latencies[(k.vm, _access_key(k))] = LatencyStats(
-                sum(slots), v.sum_ns, v.max_ns, slots)
+            snap.latencies[self._vm_key(k)] = LatencyStats(sum(slots), v.sum_ns, v.max_ns,
+                                                           slots)
         snap.vms = self.snapshot_vms()
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf[b"counters"][ctypes.c_int(i)])
@@ -334,6 +338,14 @@ class Tracer:
             snap.registrations.append((k.vm, REG_KINDS[k.kind], keys.Space(k.space),
                                        k.addr, k.size))
         return snap
+
+    def _vm_key(self, k):
+        """(vm serial, AccessKey) of a map key (both maps have the same key)."""
+        raw = bytes(k)
+        vk = self._access_keys.get(raw)
+        if vk is None:
+            vk = self._access_keys[raw] = (k.vm, _access_key(k))
+        return vk
 
     def close(self):
         self.bpf.cleanup()

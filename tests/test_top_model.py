@@ -1,6 +1,9 @@
 """ioregtop's model and layout, without a terminal."""
 
-from ioregtrace import histogram, regions
+import ctypes
+import threading
+
+from ioregtrace import histogram, probes, regions
 from ioregtrace.keys import AccessKey, Op, Path, Space
 from ioregtrace.probes import LatencyStats, RawSnapshot, VmInfo
 from ioregtrace.qemu.layout import LayoutHistory
@@ -210,3 +213,45 @@ def test_address_rows_keep_their_region_name_and_sizes():
         text = "\n".join(top.lines(m, width, 24, "tracing"))
         assert "0xa0004:1,2 vga" in text and "pio@0x5000:4" in text
     assert "vga-lowmem" in "\n".join(top.lines(m, 100, 24, "tracing"))
+
+
+class MapKey(ctypes.Structure):
+    """struct access_key of bpf/ioregtrace.bpf.c."""
+    _fields_ = [("pid", ctypes.c_uint32), ("vm", ctypes.c_uint32), ("addr", ctypes.c_uint64),
+                ("space", ctypes.c_uint8), ("op", ctypes.c_uint8), ("path", ctypes.c_uint8),
+                ("size", ctypes.c_uint8), ("layout", ctypes.c_uint32)]
+
+
+class FakeMap:
+    def __init__(self, entries=None):
+        self.entries = entries if entries is not None else []     # the test's own list
+
+    def items_lookup_batch(self):
+        return iter(self.entries)
+
+    def keys(self):
+        return [k for k, _ in self.entries]
+
+    def __getitem__(self, index):            # the per-CPU counters
+        return [0, 0]
+
+
+def test_the_maps_are_read_into_keys_made_once(monkeypatch):
+    """Issue 16, defect 7: every refresh built an AccessKey for each of the
+    tens of thousands of map keys, more work than reading the map."""
+    made = count_calls(monkeypatch, probes, "_access_key")
+    tracer = probes.Tracer.__new__(probes.Tracer)
+    tracer.lock, tracer._access_keys = threading.RLock(), {}
+    tracer.poll, tracer.snapshot_vms = (lambda: None), (lambda: {})
+    entries = [(MapKey(10, 1, 0xA0000 + i, 0, 1, 4, 1, i % 7), ctypes.c_uint64(1))
+               for i in range(5000)]
+    tracer.bpf = {b"accesses": FakeMap(entries), b"latencies": FakeMap(),
+                  b"counters": FakeMap(), b"reg_history": FakeMap()}
+    first = tracer.snapshot()
+    entries.append((MapKey(10, 1, 0x3C0, 1, 1, 4, 1, 3), ctypes.c_uint64(2)))
+    second = tracer.snapshot()
+    assert made[0] == 5001, "one AccessKey per map key, made once"
+    key = (1, AccessKey(10, Space.MMIO, 0xA0004, 1, Op.WRITE, Path.USERSPACE, 4))
+    assert first.accesses[key] == second.accesses[key] == 1
+    assert second.accesses[(1, AccessKey(10, Space.PIO, 0x3C0, 1, Op.WRITE, Path.USERSPACE,
+                                         3))] == 2
