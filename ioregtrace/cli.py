@@ -354,39 +354,65 @@ def report(bundle_file, as_json, as_csv, sort, top, vm, by, list_events, output)
 @_target_options
 @click.option("-i", "--interval", type=click.FloatRange(min=0.1), default=1.0,
               show_default=True, metavar="SECONDS", help="Refresh every SECONDS.")
+@click.option("-b", "--batch", is_flag=True,
+              help="Batch mode (as top -b): a plain-text frame with every row to stdout "
+                   "every -i SECONDS, a blank line between frames; no terminal needed. "
+                   "Width: $COLUMNS, else the terminal's, else 120.")
+@click.option("-n", "--count", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N refreshes (N frames with -b); CMD is ended as with q.")
 @click.pass_context
-def top(ctx, pids, duration, qmp, interval):
+def top(ctx, pids, duration, qmp, interval, batch, count):
     """Live view of guest device accesses (also installed as `ioregtop`).
 
     One row per VM x region x path: accesses/s and userspace latency
     p50/p99 in the last interval, total and share since start.  Keys: q
     quit, s sort, g group (region / address / path), p pid filter, space
-    pause, h help.  CMD's output is discarded while the view is up.
+    pause, h help.  CMD's output is discarded.  When the session ends by
+    itself (CMD or the -p processes exit, -d, Ctrl-C) the final table is
+    printed, rates and latency over the whole session; not after q or -n.
 
     \b
     ioregtop                              every KVM VM
     ioregtop -p 1234 --qmp /run/vm1.qmp   one QEMU, with region names
+    ioregtop -b -i 5 -n 12 -p 1234        a frame every 5 s for a minute
     ioregtop -- qemu-system-x86_64 ...
     """
+    import shutil
     import subprocess
+    import time
 
     from .session import Session
     from .views import top as top_view
 
-    if not sys.stdout.isatty():
-        raise UserError("ioregtop needs a terminal; use `ioregtrace stat` for output to a "
-                        "pipe or file")
+    if not batch and not sys.stdout.isatty():
+        raise UserError("ioregtop needs a terminal; use `ioregtop -b` or `ioregtrace stat` "
+                        "for output to a pipe or file")
+    # Compiling the BPF program takes seconds (15 on a loaded machine);
+    # without a word the terminal would stay blank that long.
+    print("ioregtop: compiling and attaching the tracer (a few seconds, longer on a busy "
+          "machine) ...", file=sys.stderr, flush=True)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
                       child_stdio=subprocess.DEVNULL, log=lambda msg: None).start()
+    ended_by_us = False
     try:
-        quit_pressed = top_view.run(session, interval)
-        if quit_pressed:
+        width = shutil.get_terminal_size((120, 24)).columns
+        view = (top_view.batch(session, interval, count, sys.stdout, width) if batch
+                else top_view.run(session, interval, count))
+        ended_by_us = view.quit_pressed or view.counted_out
+        if ended_by_us:
             session.end_command()
         session.stop()
-        session.recording()      # lets a QEMU paused at its shutdown exit
+        recording = session.recording()      # lets a QEMU paused at its shutdown exit
+        if not ended_by_us:
+            view.model.conclude(recording, time.monotonic(), session.vms_alive())
+            width = shutil.get_terminal_size((120, 24)).columns
+            ended = f"ended after {recording.duration_s:.1f} s"
+            sys.stdout.write(("\n" if batch and view.refreshes else "")
+                             + top_view.frame(view.model, width, ended))
+            sys.stdout.flush()
     finally:
         status = session.finish()
-    ctx.exit(0 if quit_pressed else status)
+    ctx.exit(0 if ended_by_us else status)
 
 
 # serve --by address: a guest's VGA memory alone is tens of thousands of

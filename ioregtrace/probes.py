@@ -182,6 +182,10 @@ class Tracer:
         self.per_vcpu = per_vcpu
         self.layout_events = 0
         self.known_vms = {}                  # vm serial -> VmInfo, kept after exit
+        # Map key bytes -> (vm serial, AccessKey), made once per key: ioregtop
+        # reads the maps every second, and one QEMU has tens of thousands of
+        # keys, whose AccessKeys cost more to build than the map to read.
+        self._access_keys = {}
         # BCC's tables and ring buffers are not thread-safe; the exporter
         # reads from its HTTP threads while the session polls.
         self.lock = threading.RLock()
@@ -331,12 +335,11 @@ class Tracer:
         accesses = _items(self.bpf[b"accesses"])
         latencies = _items(self.bpf[b"latencies"])
         snap.vms = self.snapshot_vms()      # after the keys: every key's vm is in it
-        key = self._per_vcpu_key if self.per_vcpu else _access_key
         for k, v in accesses:
-            snap.accesses[(k.vm, key(k, snap.vms))] = getattr(v, "value", v)
+            snap.accesses[self._vm_key(k, snap.vms)] = getattr(v, "value", v)
         for k, v in latencies:
             slots = list(v.slots)[:histogram.SLOTS]
-            snap.latencies[(k.vm, key(k, snap.vms))] = LatencyStats(
+            snap.latencies[self._vm_key(k, snap.vms)] = LatencyStats(
                 sum(slots), v.sum_ns, v.max_ns, slots)
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf[b"counters"][ctypes.c_int(i)])
@@ -345,11 +348,21 @@ class Tracer:
                                        k.addr, k.size))
         return snap
 
-    @staticmethod
-    def _per_vcpu_key(k, vms):
-        """A PER_VCPU key holds the thread; the process is its VM's."""
-        info = vms.get(k.vm)
-        return dataclasses.replace(_access_key(k), pid=info.pid if info else 0, tid=k.pid)
+    def _vm_key(self, k, vms):
+        """(vm serial, AccessKey) of a map key (both maps have the same key),
+        made once per key.  A PER_VCPU key holds the vCPU thread; the
+        process is its VM's."""
+        raw = bytes(k)
+        vk = self._access_keys.get(raw)
+        if vk is None:
+            key = _access_key(k)
+            if self.per_vcpu:
+                info = vms.get(k.vm)
+                key = dataclasses.replace(key, pid=info.pid if info else 0, tid=k.pid)
+                if info is None:            # not kept: its process is known later
+                    return k.vm, key
+            vk = self._access_keys[raw] = (k.vm, key)
+        return vk
 
     def close(self):
         self.bpf.cleanup()
@@ -404,6 +417,6 @@ def _items(table):
         return list(table.items())
 
 
-def _access_key(k, vms=None):
+def _access_key(k):
     return keys.AccessKey(k.pid, keys.Space(k.space), k.addr, k.size, keys.Op(k.op),
                           keys.Path(k.path), k.layout)

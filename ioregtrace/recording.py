@@ -36,8 +36,9 @@ class Recording:
     created: str = ""
 
 
-def vm_regions_and_names(recording):
-    """({vm serial: QemuRegions} where QEMU's map is known, {serial: name})."""
+def naming(recording):
+    """({vm serial: QemuRegions} for the VMs whose QEMU memory map is
+    known, {vm serial: name})."""
     vm_regions, vm_names = {}, {}
     for serial, facts in recording.vms.items():
         h = facts.history
@@ -50,6 +51,6 @@ def vm_regions_and_names(recording):
 
 def render(recording, by="auto"):
     """The Report every view prints."""
-    vm_regions, vm_names = vm_regions_and_names(recording)
+    vm_regions, vm_names = naming(recording)
     return report_mod.build(recording.snapshot, recording.duration_s, vm_regions=vm_regions,
                             vm_names=vm_names, by=by, notes=recording.notes)

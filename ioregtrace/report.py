@@ -159,6 +159,18 @@ def _add(a, b):
     return None if a is None or b is None else a + b
 
 
+def region_of(vm, key, qemu, fallback):
+    """(region name or None, QEMU's FlatRange or None, map_unknown) of one
+    access key: QEMU's name (None: unassigned) when `qemu` (its
+    regions.QemuRegions) knows the map of the key's space, else the
+    fallback name; map_unknown says a QEMU's map was not known."""
+    if qemu is not None:
+        known, rng = qemu.flat_range(key)
+        if known:
+            return (rng.name if rng is not None else None), rng, False
+    return fallback.name(vm, key.space, key.address), None, qemu is not None
+
+
 def name_accesses(snapshot, vm_regions):
     """([(vm, key, count, region, (calls, rejected))], {vm: accesses named by
     address because QEMU's map was unknown}): every counted key with the
@@ -169,18 +181,12 @@ def name_accesses(snapshot, vm_regions):
     named = []
     for (vm, key), count in snapshot.accesses.items():
         qemu = vm_regions.get(vm)
-        region, calls = None, (None, None)
-        if qemu is not None:
-            known, rng = qemu.flat_range(key)
-            if known:
-                region = rng.name if rng is not None else None
-                if key.path in QEMU_DISPATCHED and rng is not None:
-                    calls = qemu.handler_calls(key, rng, count) or (None, None)
-            else:
-                unknown_maps[vm] += count
-                region = fallback.name(vm, key.space, key.address)
-        else:
-            region = fallback.name(vm, key.space, key.address)
+        region, rng, map_unknown = region_of(vm, key, qemu, fallback)
+        calls = (None, None)
+        if map_unknown:
+            unknown_maps[vm] += count
+        elif key.path in QEMU_DISPATCHED and rng is not None:
+            calls = qemu.handler_calls(key, rng, count) or (None, None)
         named.append((vm, key, count, region, calls))
     return named, unknown_maps
 

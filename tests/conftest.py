@@ -10,6 +10,12 @@ sys.path.insert(0, os.path.join(REPO, "kernel"))
 BIN = os.path.dirname(sys.executable)
 IOREGTRACE = os.path.join(BIN, "ioregtrace")
 
+# The console scripts import whichever checkout `make setup` installed; a
+# second worktree's tests must run that worktree's code, so the tree these
+# tests belong to comes first for every process they start.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 # `make test` sets this: there, a missing prerequisite fails the
 # integration tests instead of skipping them.
 REQUIRE_INTEGRATION = os.environ.get("IOREGTRACE_REQUIRE_INTEGRATION") == "1"

@@ -1,9 +1,13 @@
 """ioregtop's model and layout, without a terminal."""
 
-from ioregtrace import histogram
+import ctypes
+import threading
+
+from ioregtrace import histogram, probes, regions
 from ioregtrace.keys import AccessKey, Op, Path, Space
 from ioregtrace.probes import LatencyStats, RawSnapshot, VmInfo
-from ioregtrace.recording import Recording
+from ioregtrace.qemu.layout import LayoutHistory
+from ioregtrace.recording import Recording, VmFacts
 from ioregtrace.views import top
 
 
@@ -66,7 +70,7 @@ def test_sort_group_and_filter():
     m.cycle_group()
     assert m.group == "address"
     m.refresh(rec, now=2.0)
-    assert {r.label for r in m.visible()} == {"mmio@0x1000", "mmio@0x2000", "mmio@0x3000"}
+    assert {r.label for r in m.visible()} == {"0x1000:4", "0x2000:4", "0x3000:4"}
     m.cycle_group()
     m.refresh(rec, now=3.0)
     assert {(r.pid, r.label, r.path) for r in m.visible()} == {
@@ -111,3 +115,143 @@ def test_columns_hold_every_path_and_tell_long_names_apart():
             assert value == "-" or float(value) > 0, (width, header, line)
         labels = [line[7:].split()[0] for line in text[5:8]]
         assert len(set(labels)) == 3, labels
+
+
+def count_calls(monkeypatch, cls, name):
+    """How often cls.name is called from now on (the original still runs)."""
+    calls = [0]
+    original = getattr(cls, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def big_recording(counts, duration, registrations=(), vms=None):
+    snap = RawSnapshot(taken=duration, accesses=dict(counts), registrations=list(registrations),
+                       counters={"lost_events": 0, "dropped_accesses": 0})
+    snap.vms = {1: VmInfo(10, 1, True, "qemu")}
+    return Recording(snapshot=snap, duration_s=duration, vms=vms or {})
+
+
+def test_a_refresh_names_only_the_keys_that_are_new(monkeypatch):
+    """Issue 16, defect 7: ioregtop on one SeaBIOS QEMU (VGA memory, tens
+    of thousands of keys) took 40 % of a CPU: every refresh named and
+    grouped every key, twice.  Now a key is named once, and a refresh
+    looks again only at the keys that moved."""
+    names = count_calls(monkeypatch, regions.FallbackNamer, "name")
+    vga = [(1, AccessKey(10, Space.MMIO, 0xA0000 + i, 1, Op.WRITE, Path.USERSPACE, i % 7))
+           for i in range(50_000)]
+    counts = {k: 1 for k in vga}
+    m = top.TopModel(group="address")
+    m.refresh(big_recording(counts, 1.0), now=1.0)
+    assert names[0] == 50_000
+    for k in vga[:5]:
+        counts[k] += 10
+    new = (1, AccessKey(10, Space.PIO, 0x3C0, 1, Op.WRITE, Path.USERSPACE, 3))
+    counts[new] = 4
+    m.refresh(big_recording(counts, 2.0), now=2.0)
+    assert names[0] == 50_001, "only the new key is named"
+    assert m.total == 50_000 + 50 + 4 and m.rate == 54.0
+    moved = {r.label for r in m.rows if r.rate}
+    assert moved == {f"{0xA0000 + i:#x}:1" for i in range(5)} | {"pio@0x3c0:1"}
+    m.cycle_group()                 # path: regrouped from the counts, not named again
+    assert names[0] == 50_001 and [r.total for r in m.rows] == [50_054]
+    assert m.rate == 54.0
+
+
+def qemu_vm(history):
+    return {1: VmFacts(1, name="seabios", history=history)}
+
+
+def test_names_follow_a_memory_map_that_grows(monkeypatch):
+    """The name cache is right when the map changes: a new generation
+    re-names only the keys made under it, a new registration only its
+    VM's keys, and their counts move to their new rows."""
+    h = LayoutHistory()
+    h.add_section(1, Space.MMIO, 0x100, 0xA0000, 0x20000, "vga-lowmem", 0, 0x10)
+    old_key = (1, AccessKey(10, Space.MMIO, 0xB0000, 1, Op.WRITE, Path.USERSPACE, 1))
+    new_key = (1, AccessKey(10, Space.MMIO, 0xB0000, 1, Op.WRITE, Path.USERSPACE, 2))
+    counts = {old_key: 5, new_key: 3}
+    looked_up = count_calls(monkeypatch, regions.QemuRegions, "flat_range")
+    m = top.TopModel()
+    m.refresh(big_recording(counts, 1.0, vms=qemu_vm(h)), now=1.0)
+    assert {r.label: r.total for r in m.rows} == {"vga-lowmem": 8}
+    # Generation 2's map (mirrored late): 0xb0000 is now another region.
+    h.add_section(2, Space.MMIO, 0x200, 0xA0000, 0x10000, "vga-lowmem", 0, 0x10)
+    h.add_section(2, Space.MMIO, 0x200, 0xB0000, 0x10000, "vga.vram", 0, 0x20)
+    m.refresh(big_recording(counts, 2.0, vms=qemu_vm(h)), now=2.0)
+    assert looked_up[0] == 3, "only the generation-2 key is named again"
+    assert {r.label: r.total for r in m.rows} == {"vga-lowmem": 5, "vga.vram": 3}
+    # An ioeventfd registered at a fallback-named address renames that VM's keys.
+    bell = (1, AccessKey(10, Space.MMIO, 0xFE000000, 4, Op.WRITE, Path.USERSPACE))
+    counts[bell] = 2
+    m.refresh(big_recording(counts, 3.0, vms=qemu_vm(h)), now=3.0)
+    assert "mmio@0xfe000000" in {r.label for r in m.rows}
+    reg = [(1, "ioeventfd", Space.MMIO, 0xFE000000, 4)]
+    m.refresh(big_recording(counts, 4.0, reg, vms=qemu_vm(h)), now=4.0)
+    assert {r.label: r.total for r in m.rows} == {
+        "vga-lowmem": 5, "vga.vram": 3, "ioeventfd@0xfe000000": 2}
+
+
+def test_address_rows_keep_their_region_name_and_sizes():
+    """Issue 16, defect 12: grouped by address, a row said `mmio@0xa0004`
+    only: neither the region nor the access sizes.  The address and sizes
+    are never cut; the name takes the columns left (MMIO addresses go
+    bare: 80 columns leave the column 15 characters)."""
+    h = LayoutHistory()
+    h.add_section(1, Space.MMIO, 0x100, 0xA0000, 0x20000, "vga-lowmem", 0, 0x10)
+    byte = (1, AccessKey(10, Space.MMIO, 0xA0004, 1, Op.WRITE, Path.USERSPACE, 1))
+    word = (1, AccessKey(10, Space.MMIO, 0xA0004, 2, Op.WRITE, Path.USERSPACE, 1))
+    port = (1, AccessKey(10, Space.PIO, 0x5000, 4, Op.READ, Path.USERSPACE, 1))
+    m = top.TopModel(group="address")
+    m.refresh(big_recording({byte: 3, word: 2, port: 1}, 1.0, vms=qemu_vm(h)), now=1.0)
+    assert {r.label for r in m.rows} == {"0xa0004:1,2 vga-lowmem", "pio@0x5000:4"}
+    for width in (80, 100):
+        text = "\n".join(top.lines(m, width, 24, "tracing"))
+        assert "0xa0004:1,2 vga" in text and "pio@0x5000:4" in text
+    assert "vga-lowmem" in "\n".join(top.lines(m, 100, 24, "tracing"))
+
+
+class MapKey(ctypes.Structure):
+    """struct access_key of bpf/ioregtrace.bpf.c."""
+    _fields_ = [("pid", ctypes.c_uint32), ("vm", ctypes.c_uint32), ("addr", ctypes.c_uint64),
+                ("space", ctypes.c_uint8), ("op", ctypes.c_uint8), ("path", ctypes.c_uint8),
+                ("size", ctypes.c_uint8), ("layout", ctypes.c_uint32)]
+
+
+class FakeMap:
+    def __init__(self, entries=None):
+        self.entries = entries if entries is not None else []     # the test's own list
+
+    def items_lookup_batch(self):
+        return iter(self.entries)
+
+    def keys(self):
+        return [k for k, _ in self.entries]
+
+    def __getitem__(self, index):            # the per-CPU counters
+        return [0, 0]
+
+
+def test_the_maps_are_read_into_keys_made_once(monkeypatch):
+    """Issue 16, defect 7: every refresh built an AccessKey for each of the
+    tens of thousands of map keys, more work than reading the map."""
+    made = count_calls(monkeypatch, probes, "_access_key")
+    tracer = probes.Tracer.__new__(probes.Tracer)
+    tracer.lock, tracer._access_keys, tracer.per_vcpu = threading.RLock(), {}, False
+    tracer.poll, tracer.snapshot_vms = (lambda: None), (lambda: {})
+    entries = [(MapKey(10, 1, 0xA0000 + i, 0, 1, 4, 1, i % 7), ctypes.c_uint64(1))
+               for i in range(5000)]
+    tracer.bpf = {b"accesses": FakeMap(entries), b"latencies": FakeMap(),
+                  b"counters": FakeMap(), b"reg_history": FakeMap()}
+    first = tracer.snapshot()
+    entries.append((MapKey(10, 1, 0x3C0, 1, 1, 4, 1, 3), ctypes.c_uint64(2)))
+    second = tracer.snapshot()
+    assert made[0] == 5001, "one AccessKey per map key, made once"
+    key = (1, AccessKey(10, Space.MMIO, 0xA0004, 1, Op.WRITE, Path.USERSPACE, 4))
+    assert first.accesses[key] == second.accesses[key] == 1
+    assert second.accesses[(1, AccessKey(10, Space.PIO, 0x3C0, 1, Op.WRITE, Path.USERSPACE,
+                                         3))] == 2

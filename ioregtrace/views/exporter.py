@@ -30,7 +30,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from .. import __version__, histogram
 from ..keys import Path
 from ..probes import COUNTERS
-from ..recording import vm_regions_and_names
+from ..recording import naming
 from ..report import merge_stats, name_accesses
 
 OTHER = "other"
@@ -125,7 +125,7 @@ class Exporter:
         self._expire(self._vms, now)
         # Straight from the named keys to label sets: no report rows, no
         # sorting, no notes (one QEMU is tens of thousands of keys).
-        vm_regions, vm_names = vm_regions_and_names(recording)
+        vm_regions, vm_names = naming(recording)
         named, _ = name_accesses(snapshot, vm_regions)
         counts = collections.Counter()
         stats = {}

@@ -1,6 +1,7 @@
 """Acceptance 1 (issue 5): ioregtop in a real terminal (tmux) against the
 demo VM: the rows, and the keys."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,13 +14,18 @@ from conftest import BIN, IOREGTRACE
 pytestmark = pytest.mark.integration
 
 SESSION = "ioregtop-test"
+# A tmux server of our own: one shared with other test runs (another
+# worktree's) would clash on the session name and would start the command
+# with that server's environment, not ours (PYTHONPATH, see conftest).
+SOCKET = f"ioregtop-test-{os.getpid()}"
 DEMO = [IOREGTRACE, "demo", "--scale", "0", "--set", "inline-read=20000",
         "--set", "forward-read=100", "--set", "pio-out=5000", "--set", "doorbell=20000",
         "--delay-us", "2000", "--repeat", "1000"]
 
 
 def tmux(*args):
-    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(["tmux", "-L", SOCKET, *args], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def screen():
@@ -43,17 +49,27 @@ def data_rows(text):
     return [line for line in lines[start + 1:] if re.match(r"\s*\d+ ", line)]
 
 
-@pytest.fixture
-def top(tracing_host, tmp_path):
+def start_in_tmux(status, demo):
     if shutil.which("tmux") is None:
         pytest.fail("tmux is not installed (make setup installs it)")
-    status = tmp_path / "status"
-    command = " ".join([f"{BIN}/ioregtop", "-i", "0.5", "--", *DEMO])
-    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    command = " ".join([f"{BIN}/ioregtop", "-i", "0.5", "--", *demo])
     tmux("new-session", "-d", "-s", SESSION, "-x", "80", "-y", "24",
          f"{command}; echo EXIT=$? > {status}; sleep 30")
+
+
+def wait_exit(status, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not status.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return status.read_text().strip()
+
+
+@pytest.fixture
+def top(tracing_host, tmp_path):
+    status = tmp_path / "status"
+    start_in_tmux(status, DEMO)
     yield status
-    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    subprocess.run(["tmux", "-L", SOCKET, "kill-server"], capture_output=True)
 
 
 def test_ioregtop_rows_and_keys(top):
@@ -87,13 +103,19 @@ def test_ioregtop_rows_and_keys(top):
     tmux("send-keys", "-t", SESSION, "g")
     wait_screen(lambda t: "group: region" in t)
 
-    # p: a pid with no VM hides every row; an empty answer shows all again.
+    # p: a pid no traced VM has is refused in words; the VM's pid shows its
+    # rows only; an empty answer shows all again.
+    pid = data_rows(text)[0].split()[0]
     tmux("send-keys", "-t", SESSION, "p")
-    wait_screen(lambda t: "pid (empty: all):" in t)
+    wait_screen(lambda t: "pid (empty: all" in t)
     tmux("send-keys", "-t", SESSION, "1", "Enter")
-    wait_screen(lambda t: "(no rows for pid 1)" in t and "pid: 1" in t)
+    wait_screen(lambda t: f"pid 1 is not a traced VM (traced: {pid} " in t and "pid: all" in t)
     tmux("send-keys", "-t", SESSION, "p")
-    wait_screen(lambda t: "pid (empty: all):" in t)
+    wait_screen(lambda t: "pid (empty: all" in t)
+    tmux("send-keys", "-t", SESSION, *pid, "Enter")
+    wait_screen(lambda t: f"pid: {pid} " in t and data_rows(t))
+    tmux("send-keys", "-t", SESSION, "p")
+    wait_screen(lambda t: "pid (empty: all" in t)
     tmux("send-keys", "-t", SESSION, "Enter")
     wait_screen(lambda t: "pid: all" in t and data_rows(t))
 
@@ -114,14 +136,50 @@ def test_ioregtop_rows_and_keys(top):
 
     # q quits, exit status 0.
     tmux("send-keys", "-t", SESSION, "q")
-    deadline = time.monotonic() + 20
-    while not top.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert top.read_text().strip() == "EXIT=0"
+    assert wait_exit(top) == "EXIT=0"
+    assert "ended after" not in screen()            # no final table after q
 
 
 def test_ioregtop_refuses_a_pipe(tracing_host):
     res = subprocess.run([f"{BIN}/ioregtop"], capture_output=True, text=True)
     assert res.returncode == 1
     assert res.stderr.strip() == ("ioregtrace: error: ioregtop needs a terminal; use "
-                                  "`ioregtrace stat` for output to a pipe or file")
+                                  "`ioregtop -b` or `ioregtrace stat` for output to a pipe "
+                                  "or file")
+
+
+SHORT_DEMO = [IOREGTRACE, "demo", "--scale", "0", "--set", "inline-read=2000",
+              "--set", "pio-out=500", "--delay-us", "2000", "--repeat", "3"]
+
+
+def test_ioregtop_batch_frames(tracing_host):
+    """Issue 16, defect 7: `ioregtop -b` writes -n frames of every row to a
+    pipe, then ends CMD (as q does) and exits 0."""
+    res = subprocess.run([f"{BIN}/ioregtop", "-b", "-i", "0.5", "-n", "3", "--", *DEMO],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "132"})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("ioregtop: compiling and attaching the tracer")
+    frames = re.split(r"(?m)^(?=ioregtop )", res.stdout)[1:]
+    assert len(frames) == 3 and all("group: region" in f for f in frames)
+    assert all(len(line) < 132 for line in res.stdout.splitlines())
+    assert "mmio@0x10000004" in frames[-1] and "ended after" not in res.stdout
+
+
+def test_ioregtop_prints_the_final_table_when_cmd_exits(tracing_host, tmp_path):
+    """Issue 16, defect 7: the view vanished when CMD exited; it was blank
+    while the tracer compiled."""
+    status = tmp_path / "status"
+    try:
+        start_in_tmux(status, SHORT_DEMO)
+        wait_screen(lambda t: "compiling and attaching the tracer" in t or "PID" in t)
+        assert wait_exit(status) == "EXIT=0"
+        text = screen()
+        assert "compiling and attaching the tracer" in text
+        final = text[text.index("ioregtop  "):]
+        assert "ended after" in final.splitlines()[0]
+        rows = {line.split()[1]: line.split() for line in data_rows(final)}
+        assert rows["mmio@0x10000004"][-4] == "6000"      # TOTAL: 3 passes x 2000 reads
+        assert rows["pio@0x5000"][-4] == "1500"
+    finally:
+        subprocess.run(["tmux", "-L", SOCKET, "kill-server"], capture_output=True)
