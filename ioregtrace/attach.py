@@ -32,24 +32,25 @@ TRIES = 5
 
 def seed_held_vms(tracer, binaries, log):
     """Seed or release every VM the tracer holds.  `binaries`: {pid:
-    qemu.binary.QemuBinary} for the QEMUs among them.  Returns (notes,
-    {pid: FlatLayout of QEMU's memory map at attach})."""
-    notes, layouts = [], {}
+    qemu.binary.QemuBinary} for the QEMUs among them.  Returns ({vm serial:
+    why its registrations are unknown}, {pid: FlatLayout of QEMU's memory
+    map at attach})."""
+    unseeded, layouts = {}, {}
     for pid in list(tracer.held):
-        binary = binaries.get(pid)
+        binary, serial = binaries.get(pid), tracer.held[pid]
         if binary is None:
             tracer.release_vm(pid, complete=False)
-            notes.append(f"pid {pid}: not QEMU, so what its VM registered with KVM before "
-                         "ioregtrace attached cannot be read")
+            unseeded[serial] = (f"pid {pid}: not QEMU, so what its VM registered with KVM "
+                                "before ioregtrace attached cannot be read")
             continue
         try:
             layouts[pid] = _seed_qemu(tracer, pid, binary, _coalesced_pio())
         except (StateError, OSError) as e:
             tracer.release_vm(pid, complete=False)
-            notes.append(f"pid {pid}: QEMU's registrations with KVM could not be read at "
-                         f"attach: {e}")
+            unseeded[serial] = (f"pid {pid}: QEMU's registrations with KVM could not be read "
+                                f"at attach: {e}")
             log(f"warning: pid {pid}: {e}")
-    return notes, layouts
+    return unseeded, layouts
 
 
 def _seed_qemu(tracer, pid, binary, coalesced_pio):

@@ -76,6 +76,7 @@ class Session:
         self.child = None
         self.controls = []           # QemuControl per QEMU target
         self.notes = []
+        self.unseeded = {}           # vm serial -> why its registrations at attach are unknown
         self._layout_mark = None
         self.started = None
         self.stopped = None
@@ -135,9 +136,8 @@ class Session:
             for pid in _running_qemus():
                 binaries[pid] = self._qemu_binary(process_exe(pid))
         # VMs created before now: their registrations, then their accesses.
-        notes, layouts = seed_held_vms(self.tracer, {p: b for p, b in binaries.items() if b},
-                                       self.log)
-        self.notes += notes
+        self.unseeded, layouts = seed_held_vms(
+            self.tracer, {p: b for p, b in binaries.items() if b}, self.log)
         for control in self.controls:
             control.snapshot_at_attach(self._layout_stable, layouts.pop(control.pid, None))
         for pid, layout in layouts.items():        # every VM mode: no QemuControl
@@ -228,6 +228,8 @@ class Session:
         vms = {serial: VmFacts(serial, history=history)
                for serial, history in self.tracer.histories.items()}
         notes = list(self.notes)
+        traced = {vm for vm, _ in snapshot.accesses}
+        notes += [why for serial, why in sorted(self.unseeded.items()) if serial in traced]
         for control in self.controls:
             serial = self.tracer.vm_serial(control.pid) if control.pid else None
             facts = vms.setdefault(serial, VmFacts(serial)) if serial else None

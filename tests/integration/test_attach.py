@@ -52,6 +52,8 @@ def test_attach_to_a_running_vm(tracing_host, tmp_path):
     assert count_rows(doc) == expected_after_attach(truth)
     assert doc["lost_events"] == 0 and doc["dropped_keys"] == 0
     assert any(f"pid {demo.proc.pid}" in n and "unattributed" in n for n in doc["notes"])
+    # and why: only QEMU's registrations can be read at attach.
+    assert any(f"pid {demo.proc.pid}: not QEMU" in n for n in doc["notes"]), doc["notes"]
     # The demo waited at a PIO OUT exit, which completes without an event:
     # nothing at the attach point is ambiguous.
     assert doc["diagnostics"]["attach_ambiguous"] == 0
