@@ -17,7 +17,9 @@
  * So each vCPU thread carries one "pending" access: if the next thing that
  * thread does is an MMIO/IO exit for that access, it went to userspace;
  * otherwise kvm.ko served it, and the registrations seen in the VM's ioctls
- * (ioeventfds, coalesced zones) say which handler did.
+ * (ioeventfds, coalesced zones) say which handler did.  For a VM created
+ * before the attach, the agent seeds those tables from the VMM (QEMU) while
+ * vm_info.seeding holds its accesses back (ioregtrace/attach.py).
  *
  * Which access an exit is for is read from the exit itself: KVM fills the
  * vCPU's struct kvm_run (mapped by the VMM at offset 0 of the vCPU fd)
