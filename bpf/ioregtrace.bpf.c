@@ -17,7 +17,9 @@
  * So each vCPU thread carries one "pending" access: if the next thing that
  * thread does is an MMIO/IO exit for that access, it went to userspace;
  * otherwise kvm.ko served it, and the registrations seen in the VM's ioctls
- * (ioeventfds, coalesced zones) say which handler did.
+ * (ioeventfds, coalesced zones) say which handler did.  For a VM created
+ * before the attach, the agent seeds those tables from the VMM (QEMU) while
+ * vm_info.seeding holds its accesses back (ioregtrace/attach.py).
  *
  * Which access an exit is for is read from the exit itself: KVM fills the
  * vCPU's struct kvm_run (mapped by the VMM at offset 0 of the vCPU fd)
@@ -78,7 +80,12 @@ struct latency {                /* the count is the histogram's sum */
 
 struct vm_info {
 	u32 serial;
-	u32 complete;   /* KVM_CREATE_VM was seen: every registration is known */
+	u8 complete;    /* every registration is known: KVM_CREATE_VM was seen, or
+			 * the agent read them from the VMM at attach (QEMU) */
+	u8 created;     /* KVM_CREATE_VM was seen: no exit began before tracing */
+	u8 seeding;     /* the agent is reading the VMM's registrations: apply its
+			 * ioctls, count none of its accesses yet */
+	u8 pad;
 	char comm[16];
 	u64 exited_ns;  /* its group leader exited (0: running); the pid may be reused */
 };
@@ -210,9 +217,11 @@ struct thread_state {
 				 * only) */
 	u32 pid;                /* tgid, cached: one helper call less per event */
 	u32 vm;
-	u8 traced;
+	u8 traced;              /* its accesses are counted */
+	u8 watched;             /* its registrations and memory map are followed
+				 * (traced, or its VM's registrations being read) */
 	u8 complete;            /* copy of vm_info.complete */
-	u8 synced;              /* saw an exit of this thread, or complete */
+	u8 synced;              /* saw an exit of this thread, or its VM created */
 	u8 fresh_entry;         /* no kvm event yet since the last KVM_RUN entry */
 	u32 state_gen;          /* CFG_STATE_GEN when the caches below were filled */
 	u32 run_fd;             /* the vCPU fd run_addr belongs to */
@@ -401,21 +410,19 @@ static __always_inline void refresh(struct thread_state *s, u32 pid)
 	s->pid = pid;
 	s->state_gen = cfg(CFG_STATE_GEN);
 	u64 mode = cfg(CFG_MODE);
-	if (mode == MODE_SETTING_UP || (mode == MODE_TARGETS && !targets.lookup(&pid))) {
-		s->traced = 0;
+	s->traced = s->watched = 0;
+	if (mode == MODE_SETTING_UP || (mode == MODE_TARGETS && !targets.lookup(&pid)))
 		return;
-	}
 	struct vm_info *vi = vm_of(pid);
-	if (!vi) {
-		s->traced = 0;
+	if (!vi)
 		return;
-	}
-	s->traced = 1;
+	s->watched = 1;
+	s->traced = !vi->seeding;
 	if (s->vm != vi->serial)
 		s->cache_gen = 0;
 	s->vm = vi->serial;
 	s->complete = vi->complete;
-	if (vi->complete)
+	if (vi->created)
 		s->synced = 1;
 }
 
@@ -1319,13 +1326,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		on_kvm_run(s, s->pid, args->fd);
 		return 0;
 	}
-	if (!s->traced)
+	if (!s->watched)
 		return 0;
 	u32 pid = s->pid;
 	if (cmd == KVM_CREATE_VM) {
 		struct vm_info *vi = vm_of(pid);
 		if (vi)
-			vi->complete = 1;
+			vi->complete = vi->created = 1;
 		bump_state_gen();
 		refresh(s, pid);
 	} else if (cmd == KVM_CREATE_VCPU) {
@@ -1386,7 +1393,7 @@ static __always_inline u64 user_u64(u64 addr)
 int qemu_flatview_section(void *ctx)
 {
 	struct thread_state *s = thread();
-	if (!s || !s->traced)
+	if (!s || !s->watched)
 		return 0;
 	u64 name_off = cfg(CFG_MR_NAME_OFFSET);
 	u64 section = UPROBE_ARG2(ctx);

@@ -28,7 +28,8 @@ class Op(enum.IntEnum):
 
 class Path(enum.IntEnum):
     """Which code path served an access.  Exactly one per access."""
-    # In kvm.ko, but its handler was registered before ioregtrace attached,
+    # In kvm.ko, but its handler was registered before ioregtrace attached
+    # and could not be read from the VMM (only QEMU's can, see attach.py),
     # so ioeventfd / coalesced / kernel cannot be told apart.
     UNATTRIBUTED = 0
     IOEVENTFD = 1      # signalled an eventfd, no exit to the VMM

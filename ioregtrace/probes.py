@@ -201,15 +201,106 @@ class Tracer:
             config[ctypes.c_int(CFG_EVENTS_LEFT)] = ctypes.c_uint64(events)
             self.bpf[b"raw_events"].open_ring_buffer(self._on_raw_event)
         # Programs are attached but trace nothing until this is done.
+        self.held = {}                       # pid -> vm serial, see _hold_vms
         if self.filtering:
             for pid in pids:
                 self.add_target(pid)
+            self._hold_vms(pids)
             config[ctypes.c_int(CFG_MODE)] = ctypes.c_uint64(MODE_TARGETS)
         else:
-            for pid in running_pids():
+            pids = running_pids()
+            for pid in pids:
                 self.learn_vcpus(pid)
+            self._hold_vms(pids)
             config[ctypes.c_int(CFG_MODE)] = ctypes.c_uint64(MODE_ALL)
         self._state_changed()
+
+    def _hold_vms(self, pids):
+        """The VMs that exist already get their serial now, with their
+        accesses held (vm_info.seeding: their registration ioctls are
+        applied, their accesses not counted) until the agent has read what
+        they registered before the attach (seed_vm) or found that it cannot
+        (release_vm).  Only while nothing is traced: the BPF side hands out
+        serials too, and no ioctl of theirs is missed from here on."""
+        vms, config = self.bpf[b"vms"], self.bpf[b"config"]
+        key = ctypes.c_int(CFG_VM_SERIAL)
+        for pid in pids:
+            if not holds_kvm_vm(pid):
+                continue
+            serial = config[key].value + 1
+            config[key] = ctypes.c_uint64(serial)
+            info = vms.Leaf()
+            info.serial, info.seeding = serial, 1
+            info.comm = process_comm(pid).encode()[:15]
+            vms[ctypes.c_uint32(pid)] = info
+            self.held[pid] = serial
+
+    def registration_generation(self):
+        """Bumped by every registration ioctl the BPF side applies."""
+        return self.bpf[b"config"][ctypes.c_int(CFG_REG_GEN)].value
+
+    def layout_generation(self, serial):
+        """The VM's mirrored memory-map generation (0: no change seen)."""
+        slot = self.bpf[b"layouts"][ctypes.c_int(serial % MAP_SIZES["MAX_VMS"])]
+        return slot.gen if slot.vm == serial else 0
+
+    def seed_vm(self, pid, ioeventfds, zones):
+        """Make a held VM's registration maps exactly `ioeventfds` and `zones`
+        (qemu.registrations.Ioeventfd / Zone), replacing what the BPF side
+        applied so far.  False when they do not fit the tables."""
+        serial = self.held[pid]
+        by_address = collections.defaultdict(list)
+        for e in ioeventfds:
+            by_address[(e.space, e.addr)].append(e)
+        if (len(zones) > MAP_SIZES["ZONE_SLOTS"]
+                or len(by_address) > MAP_SIZES["MAX_IOEVENTFD_ADDRS"]
+                or any(len(v) > MAP_SIZES["IOEVENTFD_SLOTS"] for v in by_address.values())):
+            return False
+        table, zone_table = self.bpf[b"ioeventfds"], self.bpf[b"zones"]
+        with self.lock:
+            for k in [k for k in table.keys() if (k.pid, k.vm) == (pid, serial)]:
+                del table[k]
+            for (space, addr), entries in by_address.items():
+                value = table.Leaf()
+                for slot, e in zip(value.slot, entries, strict=False):     # slots to spare
+                    slot.len, slot.used = e.length, 1
+                    slot.wildcard = e.datamatch is None
+                    slot.datamatch = e.datamatch or 0
+                table[table.Key(pid=pid, vm=serial, addr=addr, space=space)] = value
+                self._remember(pid, serial, "ioeventfd", space, addr, entries[0].length)
+            value = zone_table.Leaf()
+            for slot, z in zip(value.zone, zones, strict=False):
+                slot.addr, slot.size, slot.pio, slot.used = z.addr, z.size, int(z.space), 1
+                self._remember(pid, serial, "coalesced", z.space, z.addr, z.size)
+            zone_table[zone_table.Key(pid=pid, vm=serial)] = value
+        return True
+
+    def _remember(self, pid, serial, kind, space, addr, size):
+        """As the BPF side's remember(): names by registration, and the
+        bundle's list of them."""
+        history = self.bpf[b"reg_history"]
+        kind_id = {name: k for k, name in REG_KINDS.items()}[kind]
+        history[history.Key(pid=pid, vm=serial, addr=addr, size=size, space=space,
+                            kind=kind_id)] = ctypes.c_uint8(1)
+
+    def release_vm(self, pid, complete):
+        """Count a held VM's accesses from now on; `complete`: its
+        registrations were seeded whole, so an in-kernel write matching
+        none of them is kvm.ko's own device (path kernel)."""
+        serial = self.held.pop(pid, None)
+        if serial is None:
+            return
+        vms = self.bpf[b"vms"]
+        with self.lock:
+            info = vms.get(ctypes.c_uint32(pid))
+            if info is not None and info.serial == serial:
+                info.seeding = 0
+                info.complete = info.complete or int(complete)
+                vms[ctypes.c_uint32(pid)] = info
+            config = self.bpf[b"config"]
+            key = ctypes.c_int(CFG_REG_GEN)       # the threads' cached paths are stale
+            config[key] = ctypes.c_uint64(config[key].value + 1)
+            self._state_changed()
 
     def add_target(self, pid):
         self.bpf[b"targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
@@ -380,6 +471,25 @@ def vcpu_mmap_size():
 
 def running_pids():
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def holds_kvm_vm(pid):
+    """Whether a process holds a KVM VM file descriptor right now."""
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:kvm-vm":
+                return True
+    except OSError:
+        pass
+    return False
+
+
+def process_comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def vcpu_run_mappings(pid):

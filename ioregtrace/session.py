@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 
+from .attach import seed_held_vms
 from .errors import UserError
-from .probes import Tracer
+from .probes import Tracer, holds_kvm_vm
 from .qemu import binary as qemu_binary
 from .qemu.control import QemuControl
 from .qemu.layout import LayoutHistory
@@ -27,17 +28,6 @@ def validate_pids(pids):
     for pid in pids:
         if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
             raise UserError(f"no process with pid {pid}")
-
-
-def is_kvm_vm(pid):
-    """Whether a process holds a KVM VM file descriptor right now."""
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:kvm-vm":
-                return True
-    except OSError:
-        pass
-    return False
 
 
 def resolve_command(cmd):
@@ -82,12 +72,13 @@ class Session:
         if qmp is not None and len(self.pids) != 1:
             raise UserError("--qmp needs exactly one -p PID (the QEMU it belongs to)")
         for pid in self.pids:
-            if not is_kvm_vm(pid):
+            if not holds_kvm_vm(pid):
                 self.log(f"warning: pid {pid} has no KVM VM open (yet)")
         self.tracer = None
         self.child = None
         self.controls = []           # QemuControl per QEMU target
         self.notes = []
+        self.unseeded = {}           # vm serial -> why its registrations at attach are unknown
         self._layout_mark = None
         self.started = None
         self.stopped = None
@@ -139,15 +130,23 @@ class Session:
         return self
 
     def _start_targets(self, filtered):
+        binaries = {}            # pid -> QemuBinary, for QEMUs running already
         for pid in self.pids:
-            binary = self._qemu_binary(process_exe(pid))
+            binary = binaries[pid] = self._qemu_binary(process_exe(pid))
             if binary is not None or self.qmp is not None:
-                control = QemuControl.attach(pid, self.qmp, binary, log=self.log)
-                control.snapshot_at_attach(self._layout_stable)
-                self.controls.append(control)
+                self.controls.append(QemuControl.attach(pid, self.qmp, binary, log=self.log))
         if not filtered:
             for pid in _running_qemus():
-                self._qemu_binary(process_exe(pid))
+                binaries[pid] = self._qemu_binary(process_exe(pid))
+        # VMs created before now: their registrations, then their accesses.
+        self.unseeded, layouts = seed_held_vms(
+            self.tracer, {p: b for p, b in binaries.items() if b}, self.log)
+        for control in self.controls:
+            control.snapshot_at_attach(self._layout_stable, layouts.pop(control.pid, None))
+        for pid, layout in layouts.items():        # every VM mode: no QemuControl
+            serial = self.tracer.vm_serial(pid)
+            if serial is not None:
+                self.tracer.histories[serial].base = layout
         what = f"pid(s) {', '.join(map(str, self.pids))}" if self.pids else ""
         if self.cmd:
             binary = self._qemu_binary(self.exe)
@@ -232,6 +231,8 @@ class Session:
         vms = {serial: VmFacts(serial, history=history)
                for serial, history in self.tracer.histories.items()}
         notes = list(self.notes)
+        traced = {vm for vm, _ in snapshot.accesses}
+        notes += [why for serial, why in sorted(self.unseeded.items()) if serial in traced]
         for control in self.controls:
             serial = self.tracer.vm_serial(control.pid) if control.pid else None
             facts = vms.setdefault(serial, VmFacts(serial)) if serial else None

@@ -84,11 +84,14 @@ def bar_move_guest(keep_running=False):
     code.mov_imm(0, 0x2000)
     code.out(2)
     code.hlt_forever()
-    body = code.bytes()
+    return _multiboot_image(code)
+
+
+def _multiboot_image(code):
     magic, flags = 0x1BADB002, 0x00010000          # address fields valid (a.out kludge)
     header = struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF,
                          LOAD, LOAD, 0, 0, LOAD + HEADER)
-    return header + body
+    return header + code.bytes()
 
 
 def bar_move_args(kernel_path):
@@ -130,3 +133,52 @@ def seabios_args(images_dir):
 def trace_args(log_path):
     return ["-trace", "memory_region_ops_read", "-trace", "memory_region_ops_write",
             "-D", str(log_path)]
+
+
+# The devices the attach guest reaches in its endless loop, and the path
+# each access takes in kvm.ko (wrapped or attached, they must agree).
+VGA_LOWMEM = 0xA0000         # vga-lowmem: a coalesced MMIO range (QEMU's VGA)
+RTC_INDEX = 0x70             # rtc-index: a coalesced PIO range (KVM_CAP_COALESCED_PIO)
+PIC_MASTER_IMR = 0x21        # kvm-pic: served by kvm.ko
+IOAPIC_SELECT = 0xFEC00000   # kvm-ioapic's IOREGSEL: served by kvm.ko
+
+
+def attach_guest():
+    """A guest whose registrations are all made before it says it runs:
+    QEMU adds the pci-testdev's datamatch ioeventfd at the test select,
+    and the VGA and RTC coalesced ranges at machine creation.  Then,
+    forever, one of each in-kernel write (ioeventfd, coalesced MMIO and
+    PIO, the PIC and the IOAPIC) and a userspace read, so that a tracer
+    attached at any time sees every path.  Interrupts stay masked (the
+    PIC's IMR is written all ones)."""
+    code = GuestCode(LOAD + HEADER)
+    _config_write(code, TESTDEV_BDF, 0x04, 0)
+    _config_write(code, TESTDEV_BDF, 0x10, ADDR_X)
+    _config_write(code, TESTDEV_BDF, 0x04, 2)
+    _writes(code, ADDR_X, 1, 2, 1)                     # test 2: the datamatch ioeventfd
+    code.mov_imm(2, DEBUGCON_PORT)
+    code.mov_imm(0, ord(RUNNING_MARK))
+    code.out(1)
+
+    def round_():
+        _writes(code, ADDR_X + TESTDEV_EVENTFD, 1, TESTDEV_DATAMATCH, 10)
+        _writes(code, VGA_LOWMEM, 1, 0, 10)
+        code.mov_imm(2, RTC_INDEX)
+        code.mov_imm(0, 0x0F)
+        code.loop(10, lambda: code.out(1))
+        code.mov_imm(2, PIC_MASTER_IMR)
+        code.mov_imm(0, 0xFF)
+        code.loop(10, lambda: code.out(1))
+        _writes(code, IOAPIC_SELECT, 4, 0, 10)
+        _reads(code, ADDR_X + 4, 1, 1)
+    code.loop(0xFFFFFFFF, round_, reg=5)
+    code.hlt_forever()
+    return _multiboot_image(code)
+
+
+def attach_args(kernel_path, marker_path):
+    """QEMU for attach_guest(): the pci-testdev, VGA (its lowmem window) and
+    the PC's RTC, PIC and IOAPIC; RUNNING_MARK goes to marker_path."""
+    return QEMU_MACHINE + ["-vga", "std", "-device", "pci-testdev,addr=04.0",
+                           "-kernel", str(kernel_path), "-debugcon", f"file:{marker_path}",
+                           "-name", "guest=attach-test"]

@@ -11,12 +11,15 @@ import re
 import struct
 from dataclasses import dataclass
 
+from . import registrations
+
 # The functions the mirror needs, and why.
 MIRROR_SYMBOLS = (
     "flatview_add_to_dispatch",   # called once per section of every new flat view
     "memory_region_name",         # its first load gives MemoryRegion.name's offset
 )
-DATA_SYMBOLS = ("unassigned_mem_ops",)   # every MemoryRegion's ops until set
+DATA_SYMBOLS = ("unassigned_mem_ops",     # every MemoryRegion's ops until set
+                ) + registrations.SYMBOLS  # what it registered with KVM, at attach
 
 QEMU_NAME = re.compile(r"^qemu-system-[\w.-]+$|^qemu-kvm$")
 

@@ -118,20 +118,25 @@ class QemuControl:
         if control.cmdline:
             control.vm_name = vm_name_from_args(control.cmdline[1:])
         if qmp_path is None:
-            control.problems.append(
-                f"pid {pid}: no --qmp socket given, so QEMU's region names are only "
-                "known for memory-map changes made after attach")
             return control
         # The user's socket exists already: no need to wait for it to appear.
         control._connect(alive=lambda: os.path.exists(f"/proc/{pid}"), timeout=2.0)
         return control
 
-    def snapshot_at_attach(self, stable):
+    def snapshot_at_attach(self, stable, read=None):
         """The memory map as it is now, for accesses made before the first
         mirrored change.  `stable()` says whether no flat view was built
         since it was last asked (QMP answers under QEMU's big lock, so a
-        change in flight finishes first); retried until one is clean."""
+        change in flight finishes first); retried until one is clean.
+        Without QMP, `read`: the map read from QEMU's memory at attach
+        (attach.seed_held_vms), if it could be."""
         if self.qmp is None:
+            self.base = read
+            if read is None:
+                self.problems.append(
+                    f"pid {self.pid}: no --qmp socket given and QEMU's memory map could not "
+                    "be read at attach, so its region names are only known for changes "
+                    "made after attach")
             return
         for _ in range(5):
             stable()
