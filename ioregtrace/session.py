@@ -238,6 +238,8 @@ class Session:
             facts = vms.setdefault(serial, VmFacts(serial)) if serial else None
             if facts is not None and facts.history is None:
                 facts.history = LayoutHistory()
+            if facts is not None:           # before concluding: its regions are read
+                facts.history.base = control.base
             if not live:
                 control.conclude(facts.history if facts else None)
             notes.extend(control.problems)

@@ -190,13 +190,20 @@ class QemuControl:
                 if self.qmp is not None:
                     self.problems.append("QEMU exited before its final memory map was "
                                          "read; the mirror is unchecked")
+                elif os.path.exists(f"/proc/{self.pid}"):
+                    self._read_region_ops(history)     # attached: QEMU's memory only
                 return
             self.final = self._snapshot("at the end")
-            if self.binary is not None and self.pid and history is not None:
-                self.region_ops = ops.read_region_ops(self.pid, self.binary, history,
-                                                      self.problems)
+            self._read_region_ops(history)
             if self.shutdown_seen.is_set() and self.owns_shutdown:
                 self._quit()
+
+    def _read_region_ops(self, history):
+        """How QEMU splits and refuses accesses, region by region, read from
+        its memory (the regions of `history`)."""
+        if self.binary is not None and self.pid and history is not None:
+            self.region_ops = ops.read_region_ops(self.pid, self.binary, history,
+                                                  self.problems)
 
     def _quit(self):
         try:

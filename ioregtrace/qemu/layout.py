@@ -101,8 +101,12 @@ class LayoutHistory:
         return by_name.pop() if len(by_name) == 1 else 0
 
     def regions(self):
-        """Every MemoryRegion address the mirror saw."""
-        return {r.mr for views in self.views.values() for v in views for r in v.ranges if r.mr}
+        """Every MemoryRegion address the mirror saw, and those of a map read
+        from QEMU's memory at attach (a QMP map has none)."""
+        mrs = {r.mr for views in self.views.values() for v in views for r in v.ranges if r.mr}
+        if self.base is not None:
+            mrs |= {r.mr for ranges in self.base.ranges.values() for r in ranges if r.mr}
+        return mrs
 
     # -- checking -----------------------------------------------------------
 

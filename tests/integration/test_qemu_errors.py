@@ -121,14 +121,17 @@ def test_qmp_requires_exactly_one_pid(tracing_host):
         "ioregtrace: error: --qmp needs exactly one -p PID (the QEMU it belongs to)"]
 
 
-def test_attach_without_qmp_says_why_names_are_missing(running_qemu, tmp_path):
+def test_attach_without_qmp_reads_names_and_handlers_from_qemu(running_qemu, tmp_path):
+    """Without --qmp, QEMU's map and its regions' access rules are read from
+    its memory (issue 16, defect 8): names and handler calls as with QMP."""
     out = tmp_path / "stat.json"
     res = run_cli("stat", "-p", str(running_qemu.pid), "-d", "2", "--json", "-o", str(out))
     no_traceback(res)
     assert res.returncode == 0, res.stderr
     doc = load_json(out)
-    assert doc["rows"]
-    assert any("no --qmp socket given" in n for n in doc["notes"]), doc["notes"]
+    (row,) = [r for r in doc["rows"] if r["path"] == "userspace"]
+    assert row["region"] == "pci-testdev-mmio" and row["qemu_calls"] == row["count"], row
+    assert not any("no --qmp socket given" in n for n in doc["notes"]), doc["notes"]
 
 
 def test_sigterm_to_ioregtrace_quits_a_wrapped_qemu(tracing_host, tmp_path):
