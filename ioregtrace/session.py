@@ -19,6 +19,7 @@ from .attach import seed_held_vms
 from .errors import UserError
 from .probes import Tracer, holds_kvm_vm
 from .qemu import binary as qemu_binary
+from .qemu import control as qemu_control
 from .qemu.control import QemuControl
 from .qemu.layout import LayoutHistory
 from .recording import Recording, VmFacts
@@ -84,6 +85,7 @@ class Session:
         self.stopped = None
         self.stop_signal = None        # the signal that ended the session, if one did
         self.end_reason = "-d elapsed"   # why CMD is ended when no signal did it
+        self._names = {}                 # vm serial -> QEMU's -name (None: none)
         self.exit_status = 0
 
     # -- starting -----------------------------------------------------------
@@ -205,12 +207,30 @@ class Session:
     def wait(self, interval=0.1):
         """Block until the session ends.  Ctrl-C and SIGTERM end it too, and
         it still reports."""
+        named_at = 0.0
         with self.stop_signals() as stop:
             while not self.done() and not stop.wait(interval):
                 self.tracer.poll()
+                if time.monotonic() - named_at >= 1.0:     # before a VM exits
+                    self.learn_names(self.tracer.snapshot_vms())
+                    named_at = time.monotonic()
         if stop.is_set():
             self.log("stopping")
         self.stop()
+
+    def learn_names(self, vms):
+        """The -name of every traced QEMU, read from its command line while
+        it runs: a QEMU we neither started nor were given (-p) has no QMP
+        channel or control of ours, yet the user knows it by that name."""
+        for serial, info in vms.items():
+            if serial in self._names or info.exited_ns:
+                continue
+            exe = process_exe(info.pid)
+            args = qemu_control.cmdline_of(info.pid) if exe else None
+            if args is None:
+                continue
+            self._names[serial] = (qemu_control.vm_name_from_args(args[1:])
+                                   if qemu_binary.looks_like_qemu(exe) else None)
 
     def stop(self):
         if self.stopped is None:
@@ -249,6 +269,11 @@ class Session:
                 facts.region_ops = control.region_ops
                 facts.qemu_version = control.version_string()
                 facts.cmdline = control.cmdline
+        self.learn_names(snapshot.vms)
+        for serial in snapshot.vms:
+            facts = vms.get(serial)
+            if self._names.get(serial) and (facts is None or facts.name is None):
+                vms.setdefault(serial, VmFacts(serial)).name = self._names[serial]
         self.tracer.poll()
         events = self.tracer.raw_events() if self.tracer.events is not None else None
         if events is not None:

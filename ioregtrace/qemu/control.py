@@ -26,7 +26,7 @@ def _has_option(args, name):
     return any(a in (f"-{name}", f"--{name}") for a in args)
 
 
-def _cmdline(pid):
+def cmdline_of(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -114,7 +114,7 @@ class QemuControl:
     @classmethod
     def attach(cls, pid, qmp_path, binary=None, log=None):
         control = cls(pid=pid, qmp_path=qmp_path, binary=binary, log=log)
-        control.cmdline = _cmdline(pid)
+        control.cmdline = cmdline_of(pid)
         if control.cmdline:
             control.vm_name = vm_name_from_args(control.cmdline[1:])
         if qmp_path is None:

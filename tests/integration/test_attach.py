@@ -133,18 +133,24 @@ def test_attach_to_a_running_qemu_attributes_in_kernel_writes(attach_guest,
     docs = {}
     try:
         _wait_for_file(marker, g.RUNNING_MARK, vm.proc)
-        for how, extra in (("-p", []), ("-p --qmp", ["--qmp", str(user_sock)])):
+        pid = ["-p", str(vm.proc.pid)]
+        for how, extra in (("-p", pid), ("-p --qmp", pid + ["--qmp", str(user_sock)]),
+                           ("every VM", [])):
             out = tmp / f"attached{len(docs)}.json"
-            res = run_cli("stat", "-p", str(vm.proc.pid), "-d", TRACE_S, "--json",
-                          "--by", "address", "-o", str(out), *extra)
+            res = run_cli("stat", "-d", TRACE_S, "--json", "--by", "address", "-o", str(out),
+                          *extra)
             assert res.returncode == 0, res.stderr
-            docs[how] = load_json(out)
+            doc = load_json(out)
+            doc["rows"] = [r for r in doc["rows"] if r["pid"] == vm.proc.pid]
+            docs[how] = doc
         Qmp(str(test_sock), alive=lambda: vm.proc.poll() is None).command("quit")
         vm.finish(timeout=30)
     finally:
         vm.kill()
     wrapped = _paths_by_register(wrapped_attach_guest)
     for how, doc in docs.items():
+        # Issue 16, defect 14: the VM's name (-name guest=...), in every mode.
+        assert {r.get("vm_name") for r in doc["rows"]} == {"attach-test"}, how
         paths = {r["path"] for r in doc["rows"]}
         assert "unattributed" not in paths, (how, doc["notes"])
         shown = {(r["region"], r["op"], r["path"]) for r in doc["rows"]}
