@@ -25,7 +25,8 @@ def panel(pid, title, kind, grid, targets, unit="short", description="", **extra
 
 
 def latency_quantile(q):
-    return (f"histogram_quantile({q}, sum by (le, region) (rate("
+    # By VM too: two VMs' regions of one name are two devices.
+    return (f"histogram_quantile({q}, sum by (le, vm, region) (rate("
             f"ioregtrace_userspace_dispatch_seconds_bucket{{{SELECT}}}[{RATE}])))")
 
 
@@ -44,8 +45,8 @@ PANELS = [
                   "userspace")], unit="percentunit",
           description="The share of accesses that exit to the VMM: the slow path."),
     panel(4, "Userspace dispatch latency p50 / p99 by region", "timeseries", (6, 8, 18, 6),
-          [target(latency_quantile(0.5), "p50 {{region}}", "A"),
-           target(latency_quantile(0.99), "p99 {{region}}", "B")], unit="s",
+          [target(latency_quantile(0.5), "p50 {{vm}} {{region}}", "A"),
+           target(latency_quantile(0.99), "p99 {{vm}} {{region}}", "B")], unit="s",
           description="From KVM_RUN's return to the next KVM_RUN on the same vCPU thread."),
     panel(5, "Userspace dispatch latency (heatmap)", "heatmap", (0, 14, 24, 8),
           [target(f"sum by (le) (increase(ioregtrace_userspace_dispatch_seconds_bucket"

@@ -209,3 +209,17 @@ def test_a_scrape_looks_up_only_keys_it_has_not_named(monkeypatch):
     history.add_section(2, Space.MMIO, 0xB, 0xA0000, 0x20000, "vga-lowmem", 0, 0x100)
     scrape(exp)
     assert len(lookups) == 40002                  # a new map: every key named again
+
+
+def test_dashboard_never_merges_two_vms_regions():
+    """Issue 16, defect 13: the latency panels summed by region alone, so two
+    VMs' regions of one name (two demos' `pio@0x5004`) were one line."""
+    import re
+    with open(os.path.join(REPO, "dashboards", "ioregtrace.json")) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    groupings = [g for e in exprs for g in re.findall(r"by \(([^)]*)\)", e)]
+    by_region = [g for g in groupings if "region" in g]
+    assert by_region, exprs
+    for g in by_region:
+        assert "vm" in [x.strip() for x in g.split(",")], g
