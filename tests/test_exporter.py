@@ -52,16 +52,43 @@ def counters(samples):
             for (name, labels), v in samples.items() if name == "ioregtrace_accesses_total"}
 
 
-def test_pid_reuse_never_merges_two_vms():
+def series(samples):
+    """{(vm, pid, region): count} of the access counters."""
+    return {(dict(labels)["vm"], dict(labels)["pid"], dict(labels)["region"]): v
+            for (name, labels), v in samples.items() if name == "ioregtrace_accesses_total"}
+
+
+def test_a_restarted_vm_continues_its_series():
+    """Issue 16, defect 13: every series carried the pid, so each restart of
+    a VM made new series.  Now a VM is its name: the series of a restarted
+    VM go on growing from the last count of the one before, with the
+    counts it made between the last scrape and its exit."""
     s = FakeSession()
-    s.vms = {1: VmInfo(7, 1, True, "qemu", exited_ns=1)}
+    s.vms = {1: VmInfo(7, 1, True, "qemu")}
     s.accesses = {(1, key(0x1000)): 10}
     exp = exporter.Exporter(s, grace_s=10**9)
-    assert counters(scrape(exp)) == {"qemu mmio@0x1000": 10}
-    # The pid comes back as another VM, same name: a separate series.
-    s.vms[2] = VmInfo(7, 2, True, "qemu")
-    s.accesses[(2, key(0x1000))] = 3
-    assert counters(scrape(exp)) == {"qemu mmio@0x1000": 10, "qemu#2 mmio@0x1000": 3}
+    assert series(scrape(exp)) == {("qemu", "", "mmio@0x1000"): 10}
+    s.vms[1] = VmInfo(7, 1, True, "qemu", exited_ns=1)
+    s.accesses[(1, key(0x1000))] = 12                   # its last two, then it exited
+    s.vms[2] = VmInfo(9, 2, True, "qemu")                # restarted, another pid
+    s.accesses[(2, key(0x1000, pid=9))] = 3
+    assert series(scrape(exp)) == {("qemu", "", "mmio@0x1000"): 15}
+    s.accesses[(2, key(0x1000, pid=9))] = 5
+    assert series(scrape(exp)) == {("qemu", "", "mmio@0x1000"): 17}
+    # The same pid again (reused), same name: a restart like any other.
+    s.vms[2] = VmInfo(9, 2, True, "qemu", exited_ns=2)
+    s.vms[3] = VmInfo(9, 3, True, "qemu")
+    s.accesses[(3, key(0x1000, pid=9))] = 1
+    assert series(scrape(exp)) == {("qemu", "", "mmio@0x1000"): 18}
+
+
+def test_two_running_vms_of_one_name_are_told_apart_by_pid():
+    s = FakeSession()
+    s.vms = {1: VmInfo(7, 1, True, "demo"), 2: VmInfo(8, 2, True, "demo")}
+    s.accesses = {(1, key(0x1000)): 4, (2, key(0x1000, pid=8)): 6}
+    exp = exporter.Exporter(s)
+    assert series(scrape(exp)) == {("demo", "", "mmio@0x1000"): 4,
+                                   ("demo", "8", "mmio@0x1000"): 6}
 
 
 def test_exited_vm_leaves_after_grace_and_other_never_shrinks(monkeypatch):

@@ -10,9 +10,12 @@ Series are stable for Prometheus:
 - --max-series caps the label sets; further ones are folded into one
   `other` series per path, which also only grows (contributions of VMs
   dropped after their grace period are kept in it);
-- a VM is labelled by its name (QEMU -name) or comm; a pid reused by a new
-  VM while the old one is still exported gets `vm="NAME#SERIAL"`, so two
-  VMs never share a series.
+- a VM is labelled by its name (QEMU -name, else comm), and `pid` is empty:
+  a VM restarted under the same name continues its series, which go on
+  growing from the last count of the one before (that one's counts are
+  carried over, so a restart neither resets a counter nor churns labels);
+- only two VMs of one name running at once are told apart by `pid` (the
+  first one seen keeps it empty).
 """
 
 import collections
@@ -74,8 +77,12 @@ class Exporter:
         self.admitted = {}                 # label tuple -> order first seen
         self.folded = set()                # label tuples folded into `other`
         self.other_base = collections.Counter()    # path -> count of dropped VMs' folds
-        self.dropped_vms = set()           # serials past their grace period
-        self.vm_labels = {}                # serial -> vm label
+        self.dropped_vms = set()           # serials past their grace period, or restarted
+        self.identities = {}               # serial -> (vm label, pid label), fixed
+        self.carried = collections.Counter()   # label tuple -> earlier incarnations' count
+        self.carried_stats = {}            # label tuple -> their LatencyStats
+        self._own = {}                     # serial -> {label suffix: count}, last build
+        self._own_stats = {}               # serial -> {label suffix: LatencyStats}
         self._vms = {}                     # serial -> VmInfo, from the last read
         self._last_folded = {}             # folded label tuple -> its last count
         self._families = None
@@ -98,24 +105,60 @@ class Exporter:
 
     # -- building -------------------------------------------------------------
 
-    def _vm_label(self, serial, pid, name):
-        """The vm label, fixed at first sight; `NAME#SERIAL` when another
-        exported VM already has this name and pid (the pid was reused)."""
-        label = self.vm_labels.get(serial)
-        if label is None:
-            label = name
-            if any(lbl == name and self._vms[s].pid == pid
-                   for s, lbl in self.vm_labels.items()
-                   if s in self._vms and s not in self.dropped_vms):
-                label = f"{name}#{serial}"
-            self.vm_labels[serial] = label
-        return label
+    def _identity(self, serial, pid, name):
+        """(vm, pid) labels of a VM, fixed at first sight: (NAME, "") unless a
+        running VM holds that already, then (NAME, PID).  An exited VM that
+        held the same labels (a restart) passes its counts on to this one."""
+        ident = self.identities.get(serial)
+        if ident is not None:
+            return ident
+        held = {s: i for s, i in self.identities.items() if s not in self.dropped_vms}
+        running = {i for s, i in held.items() if s in self._vms and not self._vms[s].exited_ns}
+        ident = (name, "")
+        if ident in running:
+            ident = (name, str(pid))
+            if ident in running:            # one pid, two running VMs: cannot be
+                ident = (f"{name}#{serial}", "")
+        for s, i in held.items():
+            if i == ident:
+                self._pass_on(s, ident)
+        self.identities[serial] = ident
+        return ident
+
+    def _pass_on(self, serial, ident):
+        """A restarted VM's counts carry over to the series its successor
+        continues."""
+        self.dropped_vms.add(serial)
+        for suffix, n in self._own.pop(serial, {}).items():
+            self.carried[ident + suffix] += n
+        for suffix, st in self._own_stats.pop(serial, {}).items():
+            self.carried_stats[ident + suffix] = merge_stats(
+                self.carried_stats.get(ident + suffix), st)
 
     def _expire(self, vms, now):
         for serial, info in vms.items():
             if info.exited_ns and serial not in self.dropped_vms and \
                     now - info.exited_ns / 1e9 >= self.grace_s:
                 self.dropped_vms.add(serial)
+                self._forget(serial)
+
+    def _forget(self, serial):
+        """A VM gone for the grace period, with no successor: its series
+        leave; what they had folded into `other` stays there (a counter
+        never goes down)."""
+        ident = self.identities.get(serial)
+        self._own.pop(serial, None)
+        self._own_stats.pop(serial, None)
+        if ident is None:
+            return
+        for labels in [k for k in self.admitted if k[:2] == ident]:
+            del self.admitted[labels]
+        for labels in [k for k in self.folded if k[:2] == ident]:
+            self.other_base[labels[5]] += self._last_folded.pop(labels, 0)
+            self.folded.discard(labels)
+        for labels in [k for k in self.carried if k[:2] == ident]:
+            del self.carried[labels]
+            self.carried_stats.pop(labels, None)
 
     def _build(self, now):
         with self.session.tracer.lock:
@@ -127,29 +170,39 @@ class Exporter:
         # sorting, no notes (one QEMU is tens of thousands of keys).
         vm_regions, vm_names = naming(recording)
         named, _ = name_accesses(snapshot, vm_regions)
-        counts = collections.Counter()
-        stats = {}
-        vm_part = {}
+        own = collections.defaultdict(collections.Counter)     # serial -> suffix -> count
+        own_stats = collections.defaultdict(dict)
         for vm, key, count, region, _calls in named:
             if vm in self.dropped_vms:
                 continue
-            head = vm_part.get((vm, key.pid))
-            if head is None:
-                info = self._vms.get(vm)
-                name = vm_names.get(vm) or (info.comm if info else "?")
-                head = vm_part[(vm, key.pid)] = (self._vm_label(vm, key.pid, name),
-                                                  str(key.pid))
-            labels = head + (region if region is not None else "unassigned",
-                             str(key.space), str(key.op), str(key.path))
+            suffix = (region if region is not None else "unassigned",
+                      str(key.space), str(key.op), str(key.path))
             if self.by == "address":
-                labels += (f"{key.address:#x}",)
-            counts[labels] += count
+                suffix += (f"{key.address:#x}",)
+            own[vm][suffix] += count
             latency = snapshot.latencies.get((vm, key))
             if latency is not None:
-                stats[labels] = merge_stats(stats.get(labels), latency)
+                own_stats[vm][suffix] = merge_stats(own_stats[vm].get(suffix), latency)
+        self._own, self._own_stats = dict(own), dict(own_stats)
+        # Labels in the order VMs came: the first of a name keeps pid empty;
+        # a restart takes over its predecessor's series with this build's
+        # final counts of the predecessor.
+        for serial in sorted(own):
+            info = self._vms.get(serial)
+            self._identity(serial, info.pid if info else 0,
+                           vm_names.get(serial) or (info.comm if info else "?"))
+        counts = collections.Counter(self.carried)
+        stats = dict(self.carried_stats)
+        for serial, suffixes in self._own.items():
+            if serial in self.dropped_vms:
+                continue
+            ident = self.identities[serial]
+            for suffix, n in suffixes.items():
+                counts[ident + suffix] += n
+            for suffix, st in self._own_stats.get(serial, {}).items():
+                stats[ident + suffix] = merge_stats(stats.get(ident + suffix), st)
         c = snapshot.counters
         lost_events = c.get("lost_events", 0) + c.get("lost_raw_events", 0)
-        self._forget_dropped()
         series, other = self._cap(counts)
 
         names = ["vm", "pid", "region", "space", "op", "path"] + (
@@ -200,16 +253,6 @@ class Exporter:
         folded.add_metric([], len(self.folded))
         return [accesses, latency, direct, lost, dropped, diagnostics, vms, folded,
                 _build_info()]
-
-    def _forget_dropped(self):
-        """Series of VMs past their grace period leave; what they had folded
-        into `other` stays there (a counter never goes down)."""
-        gone = {lbl for s, lbl in self.vm_labels.items() if s in self.dropped_vms}
-        for labels in [k for k in self.admitted if k[0] in gone]:
-            del self.admitted[labels]
-        for labels in [k for k in self.folded if k[0] in gone]:
-            self.other_base[labels[5]] += self._last_folded.get(labels, 0)
-            self.folded.discard(labels)
 
     def _cap(self, counts):
         """(admitted series, {path: other count}) under --max-series."""
