@@ -284,7 +284,10 @@ BPF_TASK_STORAGE(threads, struct thread_state);
 /* Large and allocated on first use: a framebuffer alone brings tens of
  * thousands of distinct addresses, an idle VM a handful. */
 BPF_F_TABLE("hash", struct access_key, u64, accesses, MAX_ACCESS_KEYS, BPF_F_NO_PREALLOC);
-BPF_HASH(latencies, struct access_key, struct latency, MAX_LATENCY_KEYS);
+/* 2 KiB a key: allocated as used, not up front, so that the map can be
+ * sized for a guest that sweeps a BAR or a framebuffer through userspace. */
+BPF_F_TABLE("hash", struct access_key, struct latency, latencies, MAX_LATENCY_KEYS,
+	    BPF_F_NO_PREALLOC);
 /* Zeroed templates for new map values: too big for the 512-byte stack. */
 BPF_PERCPU_ARRAY(latency_zero, struct latency, 1);
 BPF_PERCPU_ARRAY(ioeventfd_zero, struct ioeventfd_set, 1);

@@ -25,7 +25,7 @@ MAP_SIZES = {
     "MAX_ACCESS_KEYS": 1 << 20,
     "RUN_FLUSH": 64,              # accesses a vCPU batches before a map update
     "LATENCY_FLUSH": 16,          # round trips likewise (a power of two)
-    "MAX_LATENCY_KEYS": 2048,
+    "MAX_LATENCY_KEYS": 1 << 15,   # userspace keys; allocated as used (2 KiB each)
     "MAX_VMS": 1024,
     "THREAD_SLOTS": 4096,         # threads with array-held state (a power of two)
     "MAX_TARGETS": 8192,

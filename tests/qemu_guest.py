@@ -87,6 +87,26 @@ def bar_move_guest(keep_running=False):
     return _multiboot_image(code)
 
 
+SWEEP_READS = 4096           # one per byte of the pci-testdev's 4 KiB BAR0
+
+
+def sweep_guest():
+    """Reads every byte of the pci-testdev's BAR0 once: SWEEP_READS distinct
+    addresses, each a userspace round trip (twice the latency map's old
+    2048 keys), then powers off."""
+    code = GuestCode(LOAD + HEADER)
+    _config_write(code, TESTDEV_BDF, 0x04, 0)
+    _config_write(code, TESTDEV_BDF, 0x10, ADDR_X)
+    _config_write(code, TESTDEV_BDF, 0x04, 2)
+    for i in range(SWEEP_READS):
+        code.load(ADDR_X + i, 1)
+    code.mov_imm(2, 0x604)
+    code.mov_imm(0, 0x2000)
+    code.out(2)
+    code.hlt_forever()
+    return _multiboot_image(code)
+
+
 def _multiboot_image(code):
     magic, flags = 0x1BADB002, 0x00010000          # address fields valid (a.out kludge)
     header = struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF,

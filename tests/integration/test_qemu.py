@@ -218,3 +218,21 @@ def test_attach_with_qmp_gives_the_same_names(qemu, bar_move, tmp_path):
                         for r in doc["rows"]
                         if r["region"] in ("pci-testdev-mmio", "edu-mmio")}
     assert ours(attached) == ours(wrapped)
+
+
+def test_a_guest_of_many_addresses_drops_no_latency_sample(qemu, tmp_path):
+    """Issue 16, defect 4: the latency map held 2048 keys (address x size x
+    memory-map generation, 2 KiB each, preallocated): a guest that reads a
+    4 KiB BAR byte by byte overflowed it, and p50/p99 came from a subset.
+    Now its keys are allocated as used: every round trip is timed."""
+    kernel, out = tmp_path / "sweep.bin", tmp_path / "stat.json"
+    kernel.write_bytes(g.sweep_guest())
+    res = run_cli("stat", "--json", "--by", "address", "-o", str(out), "--", QEMU,
+                  *g.bar_move_args(kernel), timeout=300)
+    assert res.returncode == 0, res.stderr
+    doc = load_json(out)
+    assert doc["diagnostics"]["dropped_latency"] == 0, doc["diagnostics"]
+    reads = [r for r in doc["rows"] if r["region"] == "pci-testdev-mmio" and r["op"] == "read"]
+    assert sum(r["count"] for r in reads) == g.SWEEP_READS
+    assert len({r["address"] for r in reads}) == g.SWEEP_READS
+    assert all(r["latency_us"] is not None for r in reads)
