@@ -416,9 +416,41 @@ class Tracer:
                                               v.comm.decode(errors="replace"), v.exited_ns)
         return dict(self.known_vms)
 
-    def snapshot(self):
+    def snapshot(self, final=False):
+        """The maps now.  `final`: the session has ended, so add what vCPU
+        threads still hold back (held_back())."""
         with self.lock:
-            return self._snapshot()
+            snap = self._snapshot()
+            if final:
+                self._add_held_back(snap)
+            return snap
+
+    def _add_held_back(self, snap):
+        """A vCPU thread batches accesses and round trips of one key before
+        a map update, and flushes them when KVM_RUN returns.  One that does
+        not return any more (a guest halted for good, a hung guest, a VM
+        still running at -d) would keep up to RUN_FLUSH - 1 accesses and
+        LATENCY_FLUSH - 1 round trips from the final count; and its last
+        in-kernel access waits for its next event to be settled.  Read from
+        the threads' slots (threads whose state is in task storage, only
+        when two live threads' ids share a slot, are not reached)."""
+        flush = MAP_SIZES["LATENCY_FLUSH"]
+        for _, t in _items(self.bpf[b"thread_slots"]):
+            if not t.tid or not t.traced:
+                continue
+            if t.run_count:
+                key = self._vm_key(t.run_key, snap.vms)
+                snap.accesses[key] = snap.accesses.get(key, 0) + t.run_count
+            if t.pending:        # no exit followed it: kvm.ko served it
+                key = self._vm_key(t.pend_key, snap.vms)
+                snap.accesses[key] = snap.accesses.get(key, 0) + t.pend_count
+            if t.lat_n:
+                slots = [0] * histogram.SLOTS
+                for i in range(min(t.lat_n, flush)):
+                    slots[t.lat_slot[i]] += 1
+                key = self._vm_key(t.lat_key, snap.vms)
+                snap.latencies[key] = merge_latency(
+                    snap.latencies.get(key), LatencyStats(t.lat_n, t.lat_sum, t.lat_max, slots))
 
     def _snapshot(self):
         self.poll()
@@ -525,6 +557,13 @@ def _items(table):
         return list(table.items_lookup_batch())
     except Exception:       # older kernels: EINVAL/ENOTSUPP from the batch op
         return list(table.items())
+
+
+def merge_latency(a, b):
+    if a is None:
+        return b
+    return LatencyStats(a.count + b.count, a.sum_ns + b.sum_ns, max(a.max_ns, b.max_ns),
+                        [x + y for x, y in zip(a.slots, b.slots, strict=True)])
 
 
 def _access_key(k):

@@ -247,7 +247,7 @@ class Session:
         """Everything gathered so far, as a Recording.  Unless `live` (a
         periodic refresh), this also concludes the QEMU side channels (final
         map; lets a paused QEMU exit)."""
-        snapshot = self.tracer.snapshot()
+        snapshot = self.tracer.snapshot(final=not live)
         vms = {serial: VmFacts(serial, history=history)
                for serial, history in self.tracer.histories.items()}
         notes = list(self.notes)

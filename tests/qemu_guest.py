@@ -107,6 +107,22 @@ def sweep_guest():
     return _multiboot_image(code)
 
 
+IDLE_READS = 100             # not a multiple of the tracer's batch of 64
+
+
+def idle_guest():
+    """IDLE_READS reads of the pci-testdev (each a userspace exit), then
+    halted for good with interrupts off: KVM keeps the halted vCPU in the
+    kernel, so its thread never returns from KVM_RUN again."""
+    code = GuestCode(LOAD + HEADER)
+    _config_write(code, TESTDEV_BDF, 0x04, 0)
+    _config_write(code, TESTDEV_BDF, 0x10, ADDR_X)
+    _config_write(code, TESTDEV_BDF, 0x04, 2)
+    _reads(code, ADDR_X + 4, 1, IDLE_READS)
+    code.hlt_forever()
+    return _multiboot_image(code)
+
+
 def _multiboot_image(code):
     magic, flags = 0x1BADB002, 0x00010000          # address fields valid (a.out kludge)
     header = struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF,

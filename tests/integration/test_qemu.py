@@ -236,3 +236,23 @@ def test_a_guest_of_many_addresses_drops_no_latency_sample(qemu, tmp_path):
     assert sum(r["count"] for r in reads) == g.SWEEP_READS
     assert len({r["address"] for r in reads}) == g.SWEEP_READS
     assert all(r["latency_us"] is not None for r in reads)
+
+
+def test_what_an_idle_vcpu_holds_back_is_counted_at_the_end(qemu, tmp_path):
+    """A vCPU thread batches up to 63 accesses of one key before a map
+    update, and flushes them when KVM_RUN returns.  A guest that then halts
+    for good (KVM keeps it in the kernel) never returns: `-d` ended the
+    session with the last batch unread (found by the end-to-end guest,
+    whose last serial write went missing when it hung).  The final count
+    now takes what each thread still holds."""
+    kernel, out, log = tmp_path / "idle.bin", tmp_path / "stat.json", tmp_path / "qemu.log"
+    kernel.write_bytes(g.idle_guest())
+    res = run_cli("stat", "--json", "-d", "4", "-o", str(out), "--", QEMU,
+                  *g.bar_move_args(kernel), *g.trace_args(log), timeout=300)
+    assert res.returncode == 0 and "-d elapsed: ending" in res.stderr, res.stderr
+    doc = load_json(out)
+    reads = sum(r["count"] for r in doc["rows"]
+                if r["region"] == "pci-testdev-mmio" and r["op"] == "read")
+    calls, _ = qemu_log(log)
+    assert calls[("pci-testdev-mmio", "read")] == g.IDLE_READS
+    assert reads == g.IDLE_READS
