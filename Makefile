@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test unit bench kernel vmtest clean
+.PHONY: setup demo test unit bench kernel vmtest e2e clean
 
 setup:
 	@scripts/setup.sh
@@ -33,6 +33,12 @@ kernel: setup
 # there (also part of `make test`).
 vmtest: setup
 	IOREGTRACE_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -v tests/test_vm.py
+
+# A Linux guest under QEMU/KVM inside the test VM, on NVMe, virtio-blk,
+# virtio-net, e1000 and VGA, each workload traced by ioregtrace and checked
+# against QEMU's own trace (e2e/; boot and NVMe are also in `make test`).
+e2e: setup
+	$(BIN)/python e2e/host.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
