@@ -42,8 +42,10 @@ def _net(ip="10.0.2.15"):
 NVME = ["-drive", "if=none,id=nv,file={disk},format=raw", "-device",
         "nvme,drive=nv,serial=e2e"]
 
-# The in-kernel devices every boot drives (x86 PC with KVM's irqchip).
-IN_KERNEL = [("kvm-pit", "kernel"), ("kvm-pic", "kernel")]
+# The in-kernel devices every boot drives (x86 PC with KVM's irqchip).  The
+# LAPIC is at 0xfee00000, where QEMU's map has its MSI window, kvm-apic-msi.
+IN_KERNEL = [("kvm-pit", "kernel"), ("kvm-pic", "kernel"), ("kvm-ioapic", "kernel"),
+             ("kvm-apic-msi", "kernel")]
 
 WORKLOADS = [
     Workload("boot", [], "true\n", expect_paths=IN_KERNEL, in_make_test=True),
