@@ -92,6 +92,17 @@ def nothing_dropped(stat):
     return [f"{name}: {d[name]}" for name in MUST_BE_ZERO if d.get(name)]
 
 
+def top_final_table(text, pairs):
+    """`ioregtop -b`: its last frame (the final table, printed when CMD
+    ends) has a row for each expected (region, path)."""
+    start = text.rfind("ioregtop ")        # each frame starts with its ioregtop line
+    if start < 0:
+        return ["ioregtop printed nothing"]
+    last = text[start:].splitlines()
+    return [f"ioregtop's final table has no {path} row for {region}" for region, path in pairs
+            if not any(region in line.split() and path in line.split() for line in last)]
+
+
 def candidate_first(stat, region):
     ranked = stat.get("candidates") or []
     if not ranked:
@@ -108,6 +119,8 @@ def problems(workload, run, stat):
         out.append(f"ioregtrace exited {run['rc']}: {run['stderr'][-300:]}")
     if f"E2E-END {workload.name} 0" not in run["console"]:
         out.append(f"the guest's workload did not finish: {run['console'][-300:]!r}")
+    if workload.tool == "top":
+        return out + top_final_table(run.get("top", ""), workload.expect_paths)
     if stat is None:
         return out + ["no stat.json"]
     out += against_qemu_log(stat, run["log"])
@@ -124,8 +137,13 @@ def summary_row(workload, run, stat):
     by_path = collections.Counter()
     for r in (stat or {}).get("rows", []):
         by_path[r["path"]] += r["count"]
+    if workload.tool != "stat":
+        name_suffix = f" ({workload.tool})"
+    else:
+        name_suffix = ""
     ranked = (stat or {}).get("candidates") or []
     first = ranked[0] if ranked else None
-    name = workload.name + (" (booted twice)" if run.get("retried_after") else "")
-    return (name, run["wall_s"], sum(by_path.values()), dict(by_path),
+    name = workload.name + name_suffix + (" (booted twice)" if run.get("retried_after")
+                                          else "")
+    return (name, run["wall_s"], sum(by_path.values()) if stat else None, dict(by_path),
             f"{first['region']} {first['userspace_ms']:.1f} ms" if first else "-")

@@ -59,7 +59,7 @@ def table(results):
     rows = []
     for name, (result, stat) in results.items():
         n, wall, total, paths, first = check.summary_row(BY_NAME[name], result, stat)
-        rows.append([n, f"{wall:.0f}", total,
+        rows.append([n, f"{wall:.0f}", "-" if total is None else total,
                      ", ".join(f"{p} {c}" for p, c in sorted(paths.items())), first])
     return tabulate(rows, headers=["WORKLOAD", "WALL s", "ACCESSES", "PATHS",
                                    "FIRST CANDIDATE (userspace time)"],

@@ -32,6 +32,7 @@ import vm  # noqa: E402  (kernel/vm.py: tsc_args)
 from workloads import BY_NAME, DISK_MB  # noqa: E402
 
 IOREGTRACE = os.path.join(REPO, ".venv", "bin", "ioregtrace")
+IOREGTOP = os.path.join(REPO, ".venv", "bin", "ioregtop")
 # A workload still running then is interrupted: ioregtrace still writes
 # what it saw and ends QEMU, and the check says the workload did not finish.
 # (One takes under a minute.)
@@ -79,10 +80,17 @@ def run_one(workload, kernel, initrd, out_dir):
     console = os.path.join(scratch, f"e2e-{workload.name}.console")
     log = os.path.join(scratch, f"e2e-{workload.name}.qemu.log")
     stat_json = os.path.join(out_dir, "stat.json")
+    bundle = os.path.join(scratch, f"e2e-{workload.name}.bundle")
+    top_out = os.path.join(scratch, f"e2e-{workload.name}.top")
+    tool = {"stat": [IOREGTRACE, "stat", "--json", "-o", stat_json],
+            "record": [IOREGTRACE, "record", "-o", bundle],
+            "top": [IOREGTOP, "-b", "-i", "10"]}[workload.tool]
     t0 = time.monotonic()
-    proc = subprocess.Popen([IOREGTRACE, "stat", "--json", "-o", stat_json, "--",
-                             *qemu_argv(workload, kernel, initrd, disk, console, log)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*tool, "--", *qemu_argv(workload, kernel, initrd, disk, console,
+                                                     log)],
+                            stdout=open(top_out, "w") if workload.tool == "top" else None,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
     # When the tracer is attached: the rest is the guest's.
     lines, attached = [], None
     timer = threading.Timer(TIMEOUT_S, proc.send_signal, (signal.SIGINT,))
@@ -94,11 +102,19 @@ def run_one(workload, kernel, initrd, out_dir):
     rc = proc.wait()
     timer.cancel()
     wall = time.monotonic() - t0
+    top_text = ""
+    if workload.tool == "record" and os.path.exists(bundle):
+        subprocess.run([IOREGTRACE, "report", "--json", "-o", stat_json, bundle], check=False)
+        os.unlink(bundle)
+    if workload.tool == "top" and os.path.exists(top_out):
+        with open(top_out) as f:
+            top_text = f.read()
+        os.unlink(top_out)
     text = open(console, errors="replace").read() if os.path.exists(console) else ""
     result = {"name": workload.name, "rc": rc, "wall_s": round(wall, 2),
               "attach_s": None if attached is None else round(attached, 2),
               "timed_out": wall >= TIMEOUT_S, "stderr": "".join(lines)[-2000:],
-              "console": text[-12000:],
+              "console": text[-12000:], "top": top_text[top_text.rfind("ioregtop "):],
               "log": summarize_log(log) if os.path.exists(log) else {}}
     with open(os.path.join(out_dir, "run.json"), "w") as f:
         json.dump(result, f, indent=1)

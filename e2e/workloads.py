@@ -24,6 +24,10 @@ class Workload:
     expect_paths: list = field(default_factory=list)
     candidate: str = None       # the region the candidates ranking must name first
     in_make_test: bool = False
+    # How ioregtrace watches it: `stat --json`; `record` then `report
+    # --json` of the bundle (checked the same way); or `ioregtop -b`, whose
+    # final table must show the expected paths.
+    tool: str = "stat"
 
 
 def _disk_reads(device):
@@ -70,6 +74,11 @@ WORKLOADS = [
              _net(), expect_paths=[("virtio-pci-notify-virtio-net", "ioeventfd")]),
     Workload("e1000", ["-netdev", "user,id=n0", "-device", "e1000,netdev=n0"],
              _net(), expect_paths=[("e1000-mmio", "coalesced"), ("e1000-mmio", "userspace")]),
+    Workload("nvme-record", NVME, _disk_reads("/dev/nvme0n1"),
+             expect_paths=IN_KERNEL + [("nvme", "userspace")], candidate="nvme",
+             tool="record"),
+    Workload("nvme-top", NVME, _disk_reads("/dev/nvme0n1"),
+             expect_paths=[("nvme", "userspace"), ("kvm-pit", "kernel")], tool="top"),
     Workload("vga", ["-vga", "std"],
              "i=0\nwhile [ $i -lt 300 ]; do\n"
              "  echo \"ioregtrace e2e: line $i of text on the VGA console\" > /dev/tty1\n"

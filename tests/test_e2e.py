@@ -136,3 +136,13 @@ def test_qemu_own_msi_writes_are_told_apart():
  25:        617   PCI-MSIX-0000:00:03.0   1-edge      nvme0q1
   8:          0   IO-APIC    8-edge      rtc0"""
     assert check.msi_interrupts(console, "nvme") == 748
+
+
+def test_top_check_reads_the_last_frame_whole():
+    frame = ("ioregtop  vm  kernel 6.12  {when}\naccesses/s: 0\n\n   PID VM  REGION  PATH\n"
+             "{rows}\n")
+    text = (frame.format(when="tracing", rows="  165 vm  nvme  userspace  W") + "\n" +
+            frame.format(when="ended", rows="  165 vm  kvm-pit  kernel  RW"))
+    assert check.top_final_table(text, [("kvm-pit", "kernel")]) == []
+    assert check.top_final_table(text, [("nvme", "userspace")])      # not in the last
+    assert check.top_final_table("", [("nvme", "userspace")]) == ["ioregtop printed nothing"]
