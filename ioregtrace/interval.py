@@ -12,7 +12,8 @@ from . import histogram
 from .probes import LatencyStats, RawSnapshot
 
 
-def _latency_since(prev, cur):
+def latency_since(prev, cur):
+    """One key's round trips between two reads (None: no new ones)."""
     if prev is None:
         return cur
     if cur.count <= prev.count:
@@ -36,7 +37,7 @@ def since(prev, cur):
         if diff > 0:
             out.accesses[key] = diff
     for key, stats in cur.latencies.items():
-        diff = _latency_since(prev.latencies.get(key), stats)
+        diff = latency_since(prev.latencies.get(key), stats)
         if diff is not None:
             out.latencies[key] = diff
     out.counters = {name: n - prev.counters.get(name, 0) for name, n in cur.counters.items()}

@@ -560,8 +560,9 @@ def _items(table):
 
 
 def merge_latency(a, b):
-    if a is None:
-        return b
+    """Two LatencyStats of one key as one (either may be None)."""
+    if a is None or b is None:
+        return a or b
     return LatencyStats(a.count + b.count, a.sum_ns + b.sum_ns, max(a.max_ns, b.max_ns),
                         [x + y for x, y in zip(a.slots, b.slots, strict=True)])
 

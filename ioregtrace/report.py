@@ -11,6 +11,7 @@ from typing import Optional
 from . import histogram
 from .keys import AccessKey, Path
 from .probes import LatencyStats
+from .probes import merge_latency as merge_stats
 from .regions import FallbackNamer
 
 BY_ADDRESS = "address"
@@ -146,13 +147,6 @@ def latency_of(stats):
                    p50_us=us(histogram.quantile_ns(stats.slots, 0.50, stats.max_ns)),
                    p99_us=us(histogram.quantile_ns(stats.slots, 0.99, stats.max_ns)),
                    max_us=us(stats.max_ns), mean_us=us(stats.sum_ns / stats.count))
-
-
-def merge_stats(a, b):
-    if a is None or b is None:
-        return a or b
-    return LatencyStats(a.count + b.count, a.sum_ns + b.sum_ns, max(a.max_ns, b.max_ns),
-                        [x + y for x, y in zip(a.slots, b.slots, strict=True)])
 
 
 def _add(a, b):

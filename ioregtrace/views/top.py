@@ -16,7 +16,7 @@ import platform
 import time
 
 from ..keys import Path, Space
-from ..probes import LatencyStats
+from ..interval import latency_since
 from ..recording import naming
 from ..regions import FallbackNamer
 from ..report import latency_of, merge_stats, region_of
@@ -229,13 +229,9 @@ class TopModel:
                 moved[vk] = diff
         moved_stats = {}
         for vk, s in cur.latencies.items():
-            p = self._latencies.get(vk)
-            if p is None:
-                moved_stats[vk] = s
-            elif s.count > p.count:
-                moved_stats[vk] = LatencyStats(
-                    s.count - p.count, s.sum_ns - p.sum_ns, s.max_ns,
-                    [a - b for a, b in zip(s.slots, p.slots, strict=True)])
+            d = latency_since(self._latencies.get(vk), s)
+            if d is not None:
+                moved_stats[vk] = d
         self._latencies = cur.latencies
         for vk, n in moved.items():
             self._place(vk, n, +1)
