@@ -3,8 +3,6 @@ every workload's script, and an /init that runs the one named on the
 kernel command line (e2e=NAME), reports on the serial line and powers off.
 Cached by content, like the test VM's own (kernel/vm.py)."""
 
-import gzip
-import hashlib
 import os
 import subprocess
 import sys
@@ -19,15 +17,7 @@ from workloads import WORKLOADS  # noqa: E402
 
 BEGIN, END = "E2E-BEGIN", "E2E-END"
 
-INIT = f"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for arg in $(cat /proc/cmdline); do
-	case "$arg" in e2e=*) workload="${{arg#e2e=}}" ;; esac
-done
-echo "{BEGIN} $workload"
+INIT = vm.init_head("e2e", "workload") + f"""echo "{BEGIN} $workload"
 sh "/w/$workload.sh"
 rc=$?
 # The interrupts the guest handled, per device (e2e/check.py), and its clock.
@@ -54,23 +44,17 @@ def initramfs():
     with open(os.path.join(HERE, "ioload.c"), "rb") as f:
         source = f.read()
     scripts = {w.name: w.script.encode() for w in WORKLOADS}
-    key = hashlib.sha256(busybox + source + INIT.encode() + repr(sorted(scripts.items()))
-                         .encode()).hexdigest()[:16]
-    path = os.path.join(vm.CACHE, "e2e", f"initramfs-{key}.cpio.gz")
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        ioload = _ioload(tmp)
-    d, x, r = 0o40755, 0o100755, 0o100644
-    entries = [("bin", d, b""), ("dev", d, b""), ("proc", d, b""), ("sys", d, b""),
-               ("w", d, b""), ("bin/busybox", x, busybox), ("bin/ioload", x, ioload),
-               ("init", x, INIT.encode())]
-    entries += [(f"w/{name}.sh", r, script) for name, script in sorted(scripts.items())]
-    with open(path + ".tmp", "wb") as out:
-        out.write(gzip.compress(vm._cpio_newc(entries), 6))
-    os.replace(path + ".tmp", path)
-    return path
+
+    def entries():
+        with tempfile.TemporaryDirectory() as tmp:
+            ioload = _ioload(tmp)
+        d, x, r = 0o40755, 0o100755, 0o100644
+        return ([("bin", d, b""), ("dev", d, b""), ("proc", d, b""), ("sys", d, b""),
+                 ("w", d, b""), ("bin/busybox", x, busybox), ("bin/ioload", x, ioload),
+                 ("init", x, INIT.encode())]
+                + [(f"w/{name}.sh", r, script) for name, script in sorted(scripts.items())])
+    return vm.cached_initramfs("e2e", busybox + source + INIT.encode() +
+                               repr(sorted(scripts.items())).encode(), entries)
 
 
 if __name__ == "__main__":

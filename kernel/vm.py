@@ -33,15 +33,26 @@ BUSYBOX = "/bin/busybox"
 EXIT_MARK = "VMTEST-EXIT"
 FILES_BEGIN, FILES_END = "VMTEST-FILES-BEGIN", "VMTEST-FILES-END"
 
-# The guest's /init.  /run is the only writable place (TMPDIR points
-# there); everything else is the host's file system, read-only, /tmp
-# included, so a checkout under the host's /tmp works in the guest too.
-INIT = f"""#!/bin/busybox sh
+
+
+def init_head(param, var):
+    """The start of a busybox /init: the applets, /proc, /sys and /dev, and
+    the kernel argument PARAM=VALUE's value in shell variable VAR."""
+    return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mkdir -p /host
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in {param}=*) {var}="${{arg#{param}=}}" ;; esac
+done
+"""
+
+
+# The guest's /init.  /run is the only writable place (TMPDIR points
+# there); everything else is the host's file system, read-only, /tmp
+# included, so a checkout under the host's /tmp works in the guest too.
+INIT = init_head("vmtest", "command") + f"""mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /host
 mount -t tmpfs run /host/run
 mount -t devtmpfs dev /host/dev
@@ -50,9 +61,6 @@ mount -t sysfs sys /host/sys
 mount -t debugfs debugfs /host/sys/kernel/debug
 mount -t tracefs tracefs /host/sys/kernel/tracing
 mkdir -p /host/run/vmtest /host/run/tmp
-for arg in $(cat /proc/cmdline); do
-	case "$arg" in vmtest=*) command="${{arg#vmtest=}}" ;; esac
-done
 chroot /host /bin/sh "$command"
 rc=$?
 echo "{FILES_BEGIN}"
@@ -112,22 +120,28 @@ def _cpio_newc(entries):
     return out.getvalue()
 
 
+def cached_initramfs(subdir, key_material, entries):
+    """CACHE/SUBDIR/initramfs-KEY.cpio.gz, KEY a hash of `key_material`
+    (everything the archive is made from); `entries()`, the (name, mode,
+    data) of its files, is called only when it is not there yet."""
+    key = hashlib.sha256(key_material).hexdigest()[:16]
+    path = os.path.join(CACHE, subdir, f"initramfs-{key}.cpio.gz")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as out:
+            out.write(gzip.compress(_cpio_newc(entries()), 6))
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def initramfs():
     """busybox + /init, cached by content."""
     with open(BUSYBOX, "rb") as f:
         busybox = f.read()
-    key = hashlib.sha256(busybox + INIT.encode()).hexdigest()[:16]
-    path = os.path.join(CACHE, "vm", f"initramfs-{key}.cpio.gz")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        d, f = 0o40755, 0o100755
-        archive = _cpio_newc([("bin", d, b""), ("dev", d, b""), ("proc", d, b""),
-                              ("sys", d, b""), ("bin/busybox", f, busybox),
-                              ("init", f, INIT.encode())])
-        with open(path + ".tmp", "wb") as out:
-            out.write(gzip.compress(archive, 6))
-        os.replace(path + ".tmp", path)
-    return path
+    d, x = 0o40755, 0o100755
+    return cached_initramfs("vm", busybox + INIT.encode(), lambda: [
+        ("bin", d, b""), ("dev", d, b""), ("proc", d, b""), ("sys", d, b""),
+        ("bin/busybox", x, busybox), ("init", x, INIT.encode())])
 
 
 def _unpack_files(console, share):
