@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test unit bench kernel vmtest e2e clean
+.PHONY: setup demo test unit bench kernel qemu vmtest e2e clean
 
 setup:
 	@scripts/setup.sh
@@ -28,6 +28,11 @@ bench: setup
 # built once per machine, cached in /var/cache/ioregtrace/kernel/.
 kernel: setup
 	kernel/build.sh
+
+# Debian's QEMU 7.2 with qemu/patches (NVMe in an IOThread over
+# ioregionfd), x86_64 with KVM only; cached in /var/cache/ioregtrace/qemu/.
+qemu: setup
+	qemu/build.sh
 
 # Boot it under QEMU TCG (nested KVM) and run the selftests and ioregtrace
 # there (also part of `make test`).

@@ -8,11 +8,15 @@ problems in words: empty means it holds.
   bytes, where QEMU refused no piece.
 - The paths a user expects, by region name.
 - Nothing lost or dropped.
-- The candidates ranking names the expected region first."""
+- The candidates ranking names the expected region first.
+- With the built QEMU (issue 18): the ioregionfd accesses per region and
+  op equal the commands its device thread received (its ioregionfd_*
+  trace events), and the guest's data-integrity steps all printed their
+  line."""
 
 import collections
 
-QEMU_DISPATCHED = ("userspace", "coalesced")
+QEMU_DISPATCHED = ("userspace", "coalesced", "ioregionfd")
 MUST_BE_ZERO = ("lost_events", "dropped_accesses", "dropped_latency",
                 "dropped_registrations", "dropped_vms", "lost_layout")
 
@@ -81,6 +85,27 @@ def against_qemu_log(stat, log):
     return problems
 
 
+def against_device_commands(stat, commands):
+    """ioregtrace's ioregionfd accesses against the commands QEMU's device
+    thread logged ({"region|op": [commands, bytes]}), per region and op."""
+    ours = collections.defaultdict(lambda: [0, 0])
+    for r in stat["rows"]:
+        if r["path"] == "ioregionfd":
+            entry = ours[f"{r['region']}|{r['op']}"]
+            entry[0] += r["count"]
+            entry[1] += sum(int(size) * n for size, n in r["sizes"].items())
+    return [f"{key.replace('|', ' ')}: ioregtrace counted {ours.get(key, [0, 0])} "
+            f"(accesses, bytes) on ioregionfd, QEMU's device thread got "
+            f"{commands.get(key, [0, 0])}"
+            for key in sorted(set(ours) | set(commands))
+            if ours.get(key, [0, 0]) != commands.get(key, [0, 0])]
+
+
+def console_checks(console, lines):
+    return [f"the guest never printed 'E2E-CHECK {line}'" for line in lines
+            if f"E2E-CHECK {line}" not in console]
+
+
 def expected_paths(stat, pairs):
     seen = {(r["region"], r["path"]) for r in stat["rows"]}
     return [f"no {path} accesses to {region}" for region, path in pairs
@@ -124,6 +149,9 @@ def problems(workload, run, stat):
     if stat is None:
         return out + ["no stat.json"]
     out += against_qemu_log(stat, run["log"])
+    if workload.qemu == "built":
+        out += against_device_commands(stat, run.get("ioregionfd_log", {}))
+    out += console_checks(run["console"], workload.console_checks)
     out += expected_paths(stat, workload.expect_paths)
     out += nothing_dropped(stat)
     if workload.candidate:

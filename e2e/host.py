@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +29,24 @@ from workloads import BY_NAME, WORKLOADS  # noqa: E402
 TIMEOUT_S = 1500
 
 
+def build_qemu():
+    """The directory of qemu/build.sh's QEMU (cached; built if missing)."""
+    res = subprocess.run([os.path.join(REPO, "qemu", "build.sh")], stdout=subprocess.PIPE,
+                         text=True, check=False)
+    if res.returncode != 0:
+        raise vm.VmError(f"qemu build failed (exit {res.returncode})")
+    return res.stdout.strip().splitlines()[-1]
+
+
 def run(names, share):
     """{name: (run.json, stat.json or None)} of one test VM running `names`."""
     kdir = vm.build_kernel()
     initrd = guest.initramfs()
+    qemu = ""
+    if any(BY_NAME[n].qemu == "built" for n in names):
+        qemu = f"--qemu {shlex.quote(build_qemu())}/qemu-system-x86_64 "
     command = (f".venv/bin/python e2e/run.py --kernel {shlex.quote(kdir)}/bzImage "
-               f"--initrd {shlex.quote(initrd)} --out /run/vmtest {' '.join(names)}")
+               f"--initrd {shlex.quote(initrd)} {qemu}--out /run/vmtest {' '.join(names)}")
     rc, console = vm.run(command, kernel_dir=kdir, cwd=REPO, share=share, timeout=TIMEOUT_S)
     with open(os.path.join(share, "console.log"), "w") as f:
         f.write(console)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(REPO, "kernel"))
 
 import vm  # noqa: E402  (kernel/vm.py: tsc_args)
 
-from workloads import BY_NAME, DISK_MB  # noqa: E402
+from workloads import BY_NAME  # noqa: E402
 
 IOREGTRACE = os.path.join(REPO, ".venv", "bin", "ioregtrace")
 IOREGTOP = os.path.join(REPO, ".venv", "bin", "ioregtop")
@@ -46,21 +46,31 @@ TIMEOUT_S = 180
 CLOCK = "clocksource=tsc" + vm.tsc_args()
 LOG_LINE = re.compile(r"memory_region_ops_(read|write) cpu (-?\d+) mr \S+ addr \S+ "
                       r"value \S+ size (\d+) name '(.*)'$")
+# The built QEMU's account of each command its ioregionfd regions received
+# (qemu/patches: softmmu/ioregionfd.c), before it dispatches it.
+IOREGIONFD_LINE = re.compile(r"ioregionfd_(read|write) (\S+) addr \S+ size (\d+) ")
 
 
-def qemu_argv(workload, kernel, initrd, disk, console, log):
+def qemu_argv(workload, kernel, initrd, disk, console, log, built_qemu=None):
     devices = [a.format(disk=disk) for a in workload.devices]
-    return ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-smp", "1",
-            "-nodefaults", "-no-reboot", "-display", "none", "-name", f"guest={workload.name}",
+    if workload.qemu == "built" and not built_qemu:
+        raise SystemExit(f"e2e: {workload.name} needs the QEMU of qemu/build.sh (--qemu)")
+    binary = built_qemu if workload.qemu == "built" else "qemu-system-x86_64"
+    return [binary, "-accel", workload.accel, "-cpu", "host", "-m", "256", "-smp", "1",
+            "-nodefaults", *([] if workload.reboot else ["-no-reboot"]),
+            "-display", "none", "-name", f"guest={workload.name}",
             "-serial", f"file:{console}", "-kernel", kernel, "-initrd", initrd,
             "-append", f"console=ttyS0 quiet panic=-1 {CLOCK} e2e={workload.name}", *devices,
             "-trace", "memory_region_ops_read", "-trace", "memory_region_ops_write",
+            *(["-trace", "ioregionfd_*"] if workload.qemu == "built" else []),
             "-D", log]
 
 
 def summarize_log(path):
-    """{"region|op": [handler calls, bytes]} of QEMU's trace, all threads."""
+    """{"region|op": [handler calls, bytes]} of QEMU's trace, all threads,
+    and {"region|op": [commands, bytes]} its ioregionfd regions received."""
     out = collections.defaultdict(lambda: [0, 0])
+    commands = collections.defaultdict(lambda: [0, 0])
     with open(path, errors="replace") as f:
         for line in f:
             m = LOG_LINE.search(line.rstrip("\n"))
@@ -68,15 +78,21 @@ def summarize_log(path):
                 entry = out[f"{m.group(4)}|{m.group(1)}"]
                 entry[0] += 1
                 entry[1] += int(m.group(3))
-    return dict(out)
+                continue
+            m = IOREGIONFD_LINE.search(line)
+            if m:
+                entry = commands[f"{m.group(2)}|{m.group(1)}"]
+                entry[0] += 1
+                entry[1] += int(m.group(3))
+    return dict(out), dict(commands)
 
 
-def run_one(workload, kernel, initrd, out_dir):
+def run_one(workload, kernel, initrd, out_dir, built_qemu=None):
     os.makedirs(out_dir, exist_ok=True)
     scratch = os.environ.get("TMPDIR", "/tmp")
     disk = os.path.join(scratch, f"e2e-{workload.name}.img")
     with open(disk, "wb") as f:
-        f.truncate(DISK_MB << 20)
+        f.truncate(workload.disk_mb << 20)
     console = os.path.join(scratch, f"e2e-{workload.name}.console")
     log = os.path.join(scratch, f"e2e-{workload.name}.qemu.log")
     stat_json = os.path.join(out_dir, "stat.json")
@@ -87,7 +103,7 @@ def run_one(workload, kernel, initrd, out_dir):
             "top": [IOREGTOP, "-b", "-i", "10"]}[workload.tool]
     t0 = time.monotonic()
     proc = subprocess.Popen([*tool, "--", *qemu_argv(workload, kernel, initrd, disk, console,
-                                                     log)],
+                                                     log, built_qemu)],
                             stdout=open(top_out, "w") if workload.tool == "top" else None,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
@@ -115,7 +131,9 @@ def run_one(workload, kernel, initrd, out_dir):
               "attach_s": None if attached is None else round(attached, 2),
               "timed_out": wall >= TIMEOUT_S, "stderr": "".join(lines)[-2000:],
               "console": text[-12000:], "top": top_text[top_text.rfind("ioregtop "):],
-              "log": summarize_log(log) if os.path.exists(log) else {}}
+              "log": {}, "ioregionfd_log": {}}
+    if os.path.exists(log):
+        result["log"], result["ioregionfd_log"] = summarize_log(log)
     with open(os.path.join(out_dir, "run.json"), "w") as f:
         json.dump(result, f, indent=1)
     for path in (disk, log):
@@ -131,11 +149,13 @@ def main():
     ap.add_argument("--kernel", required=True)
     ap.add_argument("--initrd", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--qemu", help="qemu-system-x86_64 of qemu/build.sh, for the "
+                    "workloads that need it")
     ap.add_argument("names", nargs="+", choices=sorted(BY_NAME))
     args = ap.parse_args()
     for name in args.names:
         out = os.path.join(args.out, name)
-        result = run_one(BY_NAME[name], args.kernel, args.initrd, out)
+        result = run_one(BY_NAME[name], args.kernel, args.initrd, out, args.qemu)
         if f"E2E-END {name}" not in result["console"]:
             # The nested guest now and then takes an interrupt with them
             # disabled and hangs (lockdep: "possible recursive locking" in
@@ -144,7 +164,7 @@ def main():
             print(f"e2e: {name}: the guest did not finish; booting it once more",
                   flush=True)
             first = result["console"][-1500:]
-            result = run_one(BY_NAME[name], args.kernel, args.initrd, out)
+            result = run_one(BY_NAME[name], args.kernel, args.initrd, out, args.qemu)
             result["retried_after"] = first
             with open(os.path.join(out, "run.json"), "w") as f:
                 json.dump(result, f, indent=1)

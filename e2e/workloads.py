@@ -28,6 +28,13 @@ class Workload:
     # --json` of the bundle (checked the same way); or `ioregtop -b`, whose
     # final table must show the expected paths.
     tool: str = "stat"
+    # Which QEMU: Debian's ("system") or qemu/build.sh's with qemu/patches
+    # ("built": NVMe with iothread= and ioregionfd=on).
+    qemu: str = "system"
+    accel: str = "kvm"          # -accel's argument
+    reboot: bool = False        # the guest reboots once (no -no-reboot)
+    console_checks: list = field(default_factory=list)  # E2E-CHECK lines it must print
+    disk_mb: int = DISK_MB
 
 
 def _disk_reads(device):
@@ -42,6 +49,41 @@ def _net(ip="10.0.2.15"):
             f"ip addr add {ip}/24 dev eth0\n"
             "ping -c 100 -i 0.02 -W 2 10.0.2.2 | tail -2\n")
 
+
+def _integrity(device, ctrl="nvme0"):
+    """Data integrity over the whole disk, as issue 18 asks: a pattern
+    written and read back at iodepth 1 and 32, a controller reset from the
+    guest in the middle of the second write, then a reboot (the driver shuts
+    the controller down) after which the last pattern must still be there.
+    Each step prints a line that e2e/check.py looks for."""
+    return (f"if ioload {device} verify 32 3 2>/dev/null; then\n"
+            f"  echo 'E2E-CHECK reboot: generation 3 intact after the reboot'\n"
+            f"else\n"
+            f"  ioload {device} fill 1 1 && ioload {device} verify 1 1 &&\n"
+            f"    echo 'E2E-CHECK iodepth 1: pattern read back'\n"
+            f"  ioload {device} fill 32 2 & fill=$!\n"
+            f"  sleep 1\n"
+            f"  echo 1 > /sys/class/nvme/{ctrl}/reset_controller &&\n"
+            f"    echo 'E2E-CHECK reset: controller reset during the write'\n"
+            f"  wait $fill && ioload {device} verify 32 2 &&\n"
+            f"    echo 'E2E-CHECK iodepth 32: pattern read back after the reset'\n"
+            f"  {_disk_reads(device).strip()}\n"
+            f"  ioload {device} fill 32 3 && reboot -f\n"
+            f"fi\n")
+
+
+# What the integrity workloads must print (e2e/check.py).
+INTEGRITY_CHECKS = ["iodepth 1: pattern read back", "reset: controller reset during the write",
+                    "iodepth 32: pattern read back after the reset",
+                    "reboot: generation 3 intact after the reboot"]
+
+# QEMU's NVMe whose BAR (registers and doorbells) KVM hands to an IOThread
+# over ioregionfd (qemu/patches); ioregionfd=off for the accelerator is
+# what a kernel without KVM_CAP_IOREGIONFD gives: the same device served
+# by vCPU threads.
+NVME_IOREGIONFD = ["-object", "iothread,id=io0", "-drive",
+                   "if=none,id=nv,file={disk},format=raw", "-device",
+                   "nvme,drive=nv,serial=e2e,iothread=io0,ioregionfd=on"]
 
 NVME = ["-drive", "if=none,id=nv,file={disk},format=raw", "-device",
         "nvme,drive=nv,serial=e2e"]
@@ -79,6 +121,15 @@ WORKLOADS = [
              tool="record"),
     Workload("nvme-top", NVME, _disk_reads("/dev/nvme0n1"),
              expect_paths=[("nvme", "userspace"), ("kvm-pit", "kernel")], tool="top"),
+    # 16 MiB: the whole disk is written and read back three times, the
+    # first time at iodepth 1 (~9 s per pass nested under TCG).
+    Workload("nvme-ioregionfd", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
+             expect_paths=IN_KERNEL + [("nvme", "ioregionfd")], qemu="built", reboot=True,
+             console_checks=INTEGRITY_CHECKS, disk_mb=16),
+    Workload("nvme-ioregionfd-fallback", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
+             expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
+             accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
+             disk_mb=16),
     Workload("vga", ["-vga", "std"],
              "i=0\nwhile [ $i -lt 300 ]; do\n"
              "  echo \"ioregtrace e2e: line $i of text on the VGA console\" > /dev/tty1\n"

@@ -29,8 +29,9 @@ GROUPS = {
 }
 
 # Paths whose accesses QEMU's device models are called for (so QEMU's own
-# memory_region_ops trace sees them).
-QEMU_DISPATCHED = (Path.USERSPACE, Path.COALESCED)
+# memory_region_ops trace sees them): a QEMU with ioregionfd (qemu/patches)
+# dispatches each command its device thread receives the same way.
+QEMU_DISPATCHED = (Path.USERSPACE, Path.COALESCED, Path.IOREGIONFD)
 
 
 @dataclass

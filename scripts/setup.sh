@@ -10,10 +10,12 @@ VENV=.venv
 # bpftrace (and linux-perf, below) for the benchmark's peers; binutils, gcc
 # and the uapi headers for the tests of our x86 encoder and KVM ABI copy;
 # the kernel build (make kernel: flex, bison, bc, libelf, pahole, ccache)
-# and the test VM's initramfs (busybox-static).
+# the test VM's initramfs (busybox-static), and QEMU with qemu/patches
+# (make qemu: meson, glib, pixman, libfdt, curl for the source package).
 PACKAGES=(python3-bpfcc python3-venv python3-pip qemu-system-x86 tmux prometheus bpftrace binutils gcc
 	libc6-dev linux-libc-dev util-linux linux-perf make flex bison bc libelf-dev dwarves ccache
-	busybox-static xz-utils patch)
+	busybox-static xz-utils patch meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev
+	libfdt-dev curl)
 
 log() { echo "setup: $*"; }
 

@@ -2,9 +2,11 @@
 whether it exports the memory-API functions the layout mirror probes, and
 where `MemoryRegion.name` sits (read off the code of memory_region_name()).
 
-Debian's QEMU exports its symbols (module support); a stripped or
-statically linked build does not, and then the mirror is simply not
-available (names come from QMP snapshots alone)."""
+Debian's QEMU exports its symbols (module support); a QEMU built from
+source without modules exports none, but its symbol table names them
+(qemu/build.sh's, for issue 18).  A stripped build has neither, and then
+the mirror is simply not available (names come from QMP snapshots
+alone)."""
 
 import os
 import re
@@ -33,8 +35,9 @@ class ElfError(Exception):
 
 
 def dynamic_symbols(path, wanted):
-    """{name: (vaddr, file offset)} for the wanted defined dynamic symbols of
-    an ELF64 little-endian file."""
+    """{name: (vaddr, file offset)} for the wanted defined symbols of an
+    ELF64 little-endian file: its dynamic ones, else global ones of its
+    symbol table (a local symbol's name may be taken twice)."""
     with open(path, "rb") as f:
         data = f.read()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
@@ -45,20 +48,23 @@ def dynamic_symbols(path, wanted):
     for i in range(e_shnum):
         sh = struct.unpack_from("<IIQQQQIIQQ", data, e_shoff + i * e_shentsize)
         sections.append(sh)   # name, type, flags, addr, offset, size, link, info, align, entsize
-    SHT_DYNSYM = 11
+    SHT_SYMTAB, SHT_DYNSYM = 2, 11
+    STB_LOCAL = 0
     found = {}
-    for sh in sections:
-        if sh[1] != SHT_DYNSYM:
-            continue
-        strtab = sections[sh[6]]
-        for off in range(sh[4], sh[4] + sh[5], 24):
-            st_name, st_info, _, st_shndx, st_value, _ = struct.unpack_from("<IBBHQQ", data, off)
-            if st_shndx == 0 or st_value == 0:
+    for kind in (SHT_DYNSYM, SHT_SYMTAB):
+        for sh in sections:
+            if sh[1] != kind:
                 continue
-            start = strtab[4] + st_name
-            name = data[start:data.index(b"\0", start)].decode(errors="replace")
-            if name in wanted:
-                found[name] = (st_value, _vaddr_to_offset(sections, st_value))
+            strtab = sections[sh[6]]
+            for off in range(sh[4], sh[4] + sh[5], 24):
+                st_name, st_info, _, st_shndx, st_value, _ = struct.unpack_from(
+                    "<IBBHQQ", data, off)
+                if st_shndx == 0 or st_value == 0 or (st_info >> 4) == STB_LOCAL:
+                    continue
+                start = strtab[4] + st_name
+                name = data[start:data.index(b"\0", start)].decode(errors="replace")
+                if name in wanted and name not in found:
+                    found[name] = (st_value, _vaddr_to_offset(sections, st_value))
     return found, data
 
 
@@ -107,7 +113,7 @@ def inspect(path):
     missing = [s for s in MIRROR_SYMBOLS if s not in symbols]
     if missing:
         return QemuBinary(path, symbols, 0,
-                          f"{path} does not export {', '.join(missing)} (stripped build?)")
+                          f"{path} has no symbol {', '.join(missing)} (stripped build?)")
     _, code_off = symbols["memory_region_name"]
     offset = name_offset_from_code(data[code_off:code_off + 16]) if code_off else None
     if offset is None:
