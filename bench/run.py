@@ -31,6 +31,9 @@ import time
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import nvme as nvme_bench  # noqa: E402
+
 BIN = os.path.dirname(sys.executable)
 IOREGTRACE = os.path.join(BIN, "ioregtrace")
 
@@ -738,7 +741,8 @@ def main():
     ap.add_argument("--soak", type=float, metavar="MINUTES", help="also run the soak")
     ap.add_argument("--json", metavar="FILE", help="write every figure here")
     ap.add_argument("--no-vm", action="store_true",
-                    help="skip the ioregionfd round trip in the VM (--quick skips it too)")
+                    help="skip the ioregionfd round trip and the NVMe phase in the VM "
+                    "(--quick skips them too)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: must run as root (BPF, perf)")
@@ -774,6 +778,7 @@ def main():
     scrape = phase("scrape", scrape_time, log, scrapes=3 if args.quick else 10)
     soaked = phase("soak", soak, args.soak, log) if args.soak else None
     round_trip = (None if args.quick or args.no_vm else phase("VM", vm_round_trip, log))
+    nvme = None if args.quick or args.no_vm else phase("NVMe", nvme_bench.run, log)
     bpf = {"costs": costs, "round_trip_floor": floor_ns,
            "kvm_run_hook_ns": syscalls[IoregStat.name][0] - syscalls[Untraced.name][0],
            "cpu_ns": {w: 1e9 / statistics.median(results[w][Untraced.name]) for w in WORKLOADS}}
@@ -829,6 +834,8 @@ def main():
               f"us, ratio {round_trip['guest_visible_ratio']:.2f}\n"
               f"  ioregtrace round trips: mean ratio {round_trip['traced_ratio_mean']:.2f}, "
               f"p50 ratio {round_trip['traced_ratio_p50']:.2f}")
+    if nvme:
+        print(nvme_bench.report(nvme))
     print("\nTargets")
     for name, ok, figure in checks:
         print(f"  [{'pass' if ok else 'FAIL'}] {name}: {figure}")
@@ -842,6 +849,7 @@ def main():
                        "syscall_ns": syscalls,
                        "clock_read_ns": clock_ns, "round_trip_floor_ns": floor_ns,
                        "attach": attach, "scrape": scrape, "soak": soaked, "vm_round_trip": round_trip,
+                       "nvme": nvme,
                        "checks": [{"name": n, "pass": ok, "figure": fig}
                                   for n, ok, fig in checks]}, f, indent=1)
 

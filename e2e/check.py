@@ -9,6 +9,8 @@ problems in words: empty means it holds.
 - The paths a user expects, by region name.
 - Nothing lost or dropped.
 - The candidates ranking names the expected region first.
+- The test VM's kernel (the ioregionfd series) printed no WARN, BUG,
+  oops or lockdep report while the guest ran.
 - With the built QEMU (issue 18): the ioregionfd accesses per region and
   op equal the commands its device thread received (its ioregionfd_*
   trace events), and the guest's data-integrity steps all printed their
@@ -152,6 +154,8 @@ def problems(workload, run, stat):
     if workload.qemu == "built":
         out += against_device_commands(stat, run.get("ioregionfd_log", {}))
     out += console_checks(run["console"], workload.console_checks)
+    out += [f"the test VM's kernel complained: {line}"
+            for line in run.get("kernel_complaints", [])]
     out += expected_paths(stat, workload.expect_paths)
     out += nothing_dropped(stat)
     if workload.candidate:

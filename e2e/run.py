@@ -27,7 +27,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "kernel"))
 
-import vm  # noqa: E402  (kernel/vm.py: tsc_args)
+import vm  # noqa: E402  (kernel/vm.py: tsc_args, kernel_complaints)
 
 from workloads import BY_NAME  # noqa: E402
 
@@ -134,6 +134,10 @@ def run_one(workload, kernel, initrd, out_dir, built_qemu=None):
               "log": {}, "ioregionfd_log": {}}
     if os.path.exists(log):
         result["log"], result["ioregionfd_log"] = summarize_log(log)
+    # The test VM's kernel (kernel/patches) while this guest ran: a guest
+    # must never make it warn.  Read and cleared, so each run has its own.
+    dmesg = subprocess.run(["dmesg", "-c"], capture_output=True, text=True).stdout
+    result["kernel_complaints"] = vm.kernel_complaints(dmesg)
     with open(os.path.join(out_dir, "run.json"), "w") as f:
         json.dump(result, f, indent=1)
     for path in (disk, log):

@@ -125,11 +125,11 @@ WORKLOADS = [
     # first time at iodepth 1 (~9 s per pass nested under TCG).
     Workload("nvme-ioregionfd", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
              expect_paths=IN_KERNEL + [("nvme", "ioregionfd")], qemu="built", reboot=True,
-             console_checks=INTEGRITY_CHECKS, disk_mb=16),
+             console_checks=INTEGRITY_CHECKS, disk_mb=16, in_make_test=True),
     Workload("nvme-ioregionfd-fallback", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
              expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
              accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
-             disk_mb=16),
+             disk_mb=16, in_make_test=True),
     Workload("vga", ["-vga", "std"],
              "i=0\nwhile [ $i -lt 300 ]; do\n"
              "  echo \"ioregtrace e2e: line $i of text on the VGA console\" > /dev/tty1\n"
@@ -137,4 +137,26 @@ WORKLOADS = [
              expect_paths=[("vga-lowmem", "coalesced")]),
 ]
 
-BY_NAME = {w.name: w for w in WORKLOADS}
+# make bench's NVMe phase (bench/nvme.py): the same reads against QEMU's
+# NVMe three ways, on the built QEMU, repeated within one boot each.
+BENCH_REPEATS = 3
+BENCH_READS = {1: 2000, 16: 4000}
+
+
+def _bench_reads(device):
+    reads = "".join(f"  ioload {device} rand {depth} {n}\n" for depth, n in BENCH_READS.items())
+    return (f"i=0\nwhile [ $i -lt {BENCH_REPEATS} ]; do\n{reads}"
+            f"  i=$((i + 1))\ndone\n")
+
+
+BENCH = [
+    Workload("bench-nvme-stock", NVME, _bench_reads("/dev/nvme0n1"), qemu="built"),
+    Workload("bench-nvme-ioeventfd",
+             ["-drive", "if=none,id=nv,file={disk},format=raw", "-device",
+              "nvme,drive=nv,serial=e2e,ioeventfd=on"],
+             _bench_reads("/dev/nvme0n1"), qemu="built"),
+    Workload("bench-nvme-ioregionfd", NVME_IOREGIONFD, _bench_reads("/dev/nvme0n1"),
+             qemu="built"),
+]
+
+BY_NAME = {w.name: w for w in WORKLOADS + BENCH}

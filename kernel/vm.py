@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -160,6 +161,17 @@ def _unpack_files(console, share):
                 raise VmError(f"unexpected file from the guest: {member.name}")
         tar.extractall(share)
     return "\n".join(lines[:begin] + lines[end + 1:]) + "\n"
+
+
+# What the test kernel must never print: WARNs, BUGs, oopses, lockdep and
+# atomic-sleep splats, hung tasks, list corruption (its config turns them on).
+KERNEL_COMPLAINT = re.compile(r"WARNING:|BUG:|Oops|general protection|INFO: task .* blocked"
+                              r"|list_(add|del) corruption")
+
+
+def kernel_complaints(dmesg):
+    """The lines of `dmesg` where the kernel complained."""
+    return [line for line in dmesg.splitlines() if KERNEL_COMPLAINT.search(line)]
 
 
 def run(command, kernel_dir=None, timeout=900, cwd=None, env=None, share=None,

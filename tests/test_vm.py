@@ -170,19 +170,12 @@ def test_the_conformance_test_of_api_rst_passes(guest):
     assert "not ok" not in log, log[-4000:]
 
 
-def _kernel_complaints(dmesg):
-    """WARNs, BUGs, oopses, lockdep and atomic-sleep splats, hung tasks."""
-    return [line for line in dmesg.splitlines()
-            if re.search(r"WARNING:|BUG:|Oops|general protection|INFO: task .* blocked"
-                         r"|list_(add|del) corruption", line)]
-
-
 def test_the_kernel_did_not_warn(guest):
     """Failures (a device closing its socket, signals, deassign under
     load) must end in defined results, never a WARN, BUG or oops; and
     lockdep must still be checking at the end (it turns itself off after
     its first report, or when its tables overflow)."""
-    bad = _kernel_complaints(_read(guest, "dmesg.txt"))
+    bad = vm.kernel_complaints(_read(guest, "dmesg.txt"))
     assert not bad, "\n".join(bad)
     stats = _read(guest, "lockdep_stats.txt")
     assert re.search(r"debug_locks:\s+1$", stats, re.M), stats
@@ -194,7 +187,7 @@ def test_a_warn_would_be_caught(guest):
     WARNING, provoked after the run, is in the canary's dmesg."""
     canary = _read(guest, "dmesg-canary.txt")
     assert "lkdtm: Performing direct entry WARNING" in canary, canary[-2000:]
-    assert any("WARNING:" in line for line in _kernel_complaints(canary)), canary[-2000:]
+    assert any("WARNING:" in line for line in vm.kernel_complaints(canary)), canary[-2000:]
 
 
 # The selftest's region: MMIO 0xc0000000 (0x100 bytes), PIO 0x6000 (0x10).
