@@ -25,8 +25,9 @@ import vm  # noqa: E402
 from workloads import BY_NAME, WORKLOADS  # noqa: E402
 
 # The test VM boots in ~15 s; each workload is a nested boot (~30 s) plus
-# its I/O, under ioregtrace (whose BPF compile, under TCG, is the rest).
-TIMEOUT_S = 1500
+# its I/O, under ioregtrace (whose BPF compile, under TCG, is the rest); a
+# hung guest costs 180 s and is booted again (e2e/run.py).
+TIMEOUT_S = 2400
 
 
 def build_qemu():

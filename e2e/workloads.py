@@ -77,13 +77,12 @@ INTEGRITY_CHECKS = ["iodepth 1: pattern read back", "reset: controller reset dur
                     "iodepth 32: pattern read back after the reset",
                     "reboot: generation 3 intact after the reboot"]
 
-# QEMU's NVMe whose BAR (registers and doorbells) KVM hands to an IOThread
-# over ioregionfd (qemu/patches); ioregionfd=off for the accelerator is
-# what a kernel without KVM_CAP_IOREGIONFD gives: the same device served
+# QEMU's NVMe whose BAR (registers and doorbells) KVM hands to a device
+# thread over ioregionfd (qemu/patches); ioregionfd=off for the accelerator
+# is what a kernel without KVM_CAP_IOREGIONFD gives: the same device served
 # by vCPU threads.
-NVME_IOREGIONFD = ["-object", "iothread,id=io0", "-drive",
-                   "if=none,id=nv,file={disk},format=raw", "-device",
-                   "nvme,drive=nv,serial=e2e,iothread=io0,ioregionfd=on"]
+NVME_IOREGIONFD = ["-drive", "if=none,id=nv,file={disk},format=raw", "-device",
+                   "nvme,drive=nv,serial=e2e,ioregionfd=on"]
 
 NVME = ["-drive", "if=none,id=nv,file={disk},format=raw", "-device",
         "nvme,drive=nv,serial=e2e"]
