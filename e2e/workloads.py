@@ -53,21 +53,22 @@ def _net(ip="10.0.2.15"):
 def _integrity(device, ctrl="nvme0"):
     """Data integrity over the whole disk, as issue 18 asks: a pattern
     written and read back at iodepth 1 and 32, a controller reset from the
-    guest in the middle of the second write, then a reboot (the driver shuts
-    the controller down) after which the last pattern must still be there.
+    guest while the second pattern is being written (four times over: the
+    reset's line is printed only if the writing was still going on after
+    it), then a reboot (the driver shuts the controller down) after which
+    the last pattern must still be there.
     Each step prints a line that e2e/check.py looks for."""
     return (f"if ioload {device} verify 32 3 2>/dev/null; then\n"
             f"  echo 'E2E-CHECK reboot: generation 3 intact after the reboot'\n"
             f"else\n"
             f"  ioload {device} fill 1 1 && ioload {device} verify 1 1 &&\n"
             f"    echo 'E2E-CHECK iodepth 1: pattern read back'\n"
-            f"  ioload {device} fill 32 2 & fill=$!\n"
+            f"  (for i in 1 2 3 4; do ioload {device} fill 32 2 || exit 1; done) & fill=$!\n"
             f"  sleep 1\n"
-            f"  echo 1 > /sys/class/nvme/{ctrl}/reset_controller &&\n"
-            f"    echo 'E2E-CHECK reset: controller reset during the write'\n"
+            f"  kill -0 $fill && echo 1 > /sys/class/nvme/{ctrl}/reset_controller &&\n"
+            f"    kill -0 $fill && echo 'E2E-CHECK reset: controller reset during the write'\n"
             f"  wait $fill && ioload {device} verify 32 2 &&\n"
             f"    echo 'E2E-CHECK iodepth 32: pattern read back after the reset'\n"
-            f"  {_disk_reads(device).strip()}\n"
             f"  ioload {device} fill 32 3 && reboot -f\n"
             f"fi\n")
 
@@ -120,15 +121,16 @@ WORKLOADS = [
              tool="record"),
     Workload("nvme-top", NVME, _disk_reads("/dev/nvme0n1"),
              expect_paths=[("nvme", "userspace"), ("kvm-pit", "kernel")], tool="top"),
-    # 16 MiB: the whole disk is written and read back three times, the
-    # first time at iodepth 1 (~9 s per pass nested under TCG).
+    # 4 MiB: the whole disk is written and read back three times, the first
+    # time at iodepth 1.  Small, because the nested guest's rare hang
+    # (e2e/NOTES.md) comes with interrupts: the more I/O, the likelier.
     Workload("nvme-ioregionfd", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
              expect_paths=IN_KERNEL + [("nvme", "ioregionfd")], qemu="built", reboot=True,
-             console_checks=INTEGRITY_CHECKS, disk_mb=16, in_make_test=True),
+             console_checks=INTEGRITY_CHECKS, disk_mb=4, in_make_test=True),
     Workload("nvme-ioregionfd-fallback", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
              expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
              accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
-             disk_mb=16, in_make_test=True),
+             disk_mb=4, in_make_test=True),
     Workload("vga", ["-vga", "std"],
              "i=0\nwhile [ $i -lt 300 ]; do\n"
              "  echo \"ioregtrace e2e: line $i of text on the VGA console\" > /dev/tty1\n"
@@ -139,7 +141,7 @@ WORKLOADS = [
 # make bench's NVMe phase (bench/nvme.py): the same reads against QEMU's
 # NVMe three ways, on the built QEMU, repeated within one boot each.
 BENCH_REPEATS = 3
-BENCH_READS = {1: 2000, 16: 4000}
+BENCH_READS = {1: 1000, 16: 2000}
 
 
 def _bench_reads(device):
