@@ -57,7 +57,8 @@ static long (*read_user_str)(void *dst, u32 size, const void *src) =
 #define CNT_INFERRED_EXITS 7    /* exits whose kvm_run could not be read */
 #define CNT_LOST_LAYOUT 8       /* mirror events lost: layout ring buffer full */
 #define CNT_LOST_RAW_EVENTS 9          /* raw access events lost: ring buffer full */
-#define NR_COUNTERS 10
+#define CNT_DROPPED_EXITS 10    /* exits not counted: exits map full */
+#define NR_COUNTERS 11
 
 struct access_key {
 	u32 pid;        /* tgid of the VMM process (PER_VCPU: the vCPU thread) */
@@ -267,6 +268,15 @@ struct thread_state {
 	u8 vcpu_created;        /* KVM_CREATE_VCPU: its kvm_run mmap comes next */
 	u8 mmap_vcpu;           /* an mmap of a vCPU fd is between enter and exit */
 	u32 mmap_fd;
+
+	/* Exit tracing (WITH_EXITS), in a line of its own: kvm_exit and
+	 * kvm_entry touch only this one and the first. */
+	u64 hx_ts;              /* kvm_exit seen, its kvm_entry not yet (0: none) */
+	u64 ux_ts;              /* KVM_RUN returned, the VMM's next KVM_RUN not yet */
+	u32 hx_reason;          /* the open exit's VMX exit reason / SVM exit code */
+	u32 ux_reason;          /* kvm_run.exit_reason of the open return */
+	u16 ux_err;             /* its errno (KVM_RUN failed: -EINTR on a signal) */
+	u8 hx_isa;              /* KVM_ISA_VMX 1, KVM_ISA_SVM 2 */
 } __attribute__((aligned(64)));
 
 #define EXIT_NONE 0
@@ -1156,6 +1166,164 @@ static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
 	s->synced = 1;
 }
 
+/* ---- Exits by reason (WITH_EXITS; off with --no-exits) ------------------
+ * Two kinds of key, both per vCPU thread:
+ *  - EXIT_HW: every VM exit kvm.ko reports (kvm:kvm_exit, VMX and SVM; it
+ *    does not fire on every backend, e.g. PVM), by ISA and exit reason
+ *    (VMX: the full exit reason, basic reason in its low 16 bits; SVM: the
+ *    exit code).  Timed from kvm_exit to the next kvm_entry on the same
+ *    thread: kvm.ko's handling of it, when it stayed in the kernel.  An
+ *    exit that returned to userspace first is counted (to_user) but not
+ *    timed: its time is the VMM's, under its EXIT_USER key.
+ *  - EXIT_USER: every return from KVM_RUN, by kvm_run.exit_reason (and the
+ *    errno when KVM_RUN failed), timed from kvm_userspace_exit to the
+ *    thread's next KVM_RUN call: the VMM's round trip.
+ * Each key is written only by its own vCPU thread (the tid is in it), so
+ * the updates need no atomics.  An exit is added to the map when it ends
+ * (entry, or next KVM_RUN); the ones still open at the end are added by
+ * the agent from the thread's state (probes.py, _add_held_back) or at
+ * thread exit (flush_exits). */
+#ifdef WITH_EXITS
+#define EXIT_HW 0
+#define EXIT_USER 1
+
+struct exit_key {
+	u32 tid;        /* the vCPU thread */
+	u32 vm;         /* serial of its VMM process */
+	u32 reason;
+	u8 isa;         /* EXIT_HW: KVM_ISA_*; EXIT_USER: 0 */
+	u8 kind;        /* EXIT_HW / EXIT_USER */
+	u16 err;        /* EXIT_USER: errno of a failed KVM_RUN, else 0 */
+};
+
+struct exit_stats {     /* timed exits: the histogram's sum */
+	u64 count;      /* every exit of the key */
+	u64 to_user;    /* EXIT_HW: returned to the VMM before the next entry */
+	u64 sum_ns;
+	u64 min_ns;
+	u64 max_ns;
+	u64 slots[HIST_ARRAY];
+};
+
+/* 2 KiB a key; vCPUs x reasons seen, allocated as used. */
+BPF_F_TABLE("hash", struct exit_key, struct exit_stats, exits, MAX_EXIT_KEYS,
+	    BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(exit_zero, struct exit_stats, 1);
+
+static __always_inline struct exit_stats *exit_stats_of(struct thread_state *s, u8 kind,
+							 u8 isa, u32 reason, u16 err)
+{
+	struct exit_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .vm = s->vm,
+			     .reason = reason, .isa = isa, .kind = kind, .err = err};
+	struct exit_stats *e = exits.lookup(&k);
+	if (e)
+		return e;
+	int zero_idx = 0;
+	struct exit_stats *zero = exit_zero.lookup(&zero_idx);
+	if (zero)
+		exits.insert(&k, zero);
+	e = exits.lookup(&k);
+	if (!e)
+		bump(CNT_DROPPED_EXITS, 1);
+	return e;
+}
+
+static __always_inline void exit_timed(struct exit_stats *e, u64 ns)
+{
+	e->count++;
+	e->sum_ns += ns;
+	e->slots[hist_slot(ns) & (HIST_ARRAY - 1)]++;
+	if (ns > e->max_ns)
+		e->max_ns = ns;
+	if (ns < e->min_ns || !e->min_ns)
+		e->min_ns = ns ? ns : 1;        /* 0 means "none yet" */
+}
+
+/* The open hardware exit went to userspace: counted, not timed. */
+static __always_inline void hw_exit_untimed(struct thread_state *s, u64 to_user)
+{
+	struct exit_stats *e = exit_stats_of(s, EXIT_HW, s->hx_isa, s->hx_reason, 0);
+	s->hx_ts = 0;
+	if (e) {
+		e->count++;
+		e->to_user += to_user;
+	}
+}
+
+static __always_inline void user_exit_end(struct thread_state *s, int timed)
+{
+	struct exit_stats *e = exit_stats_of(s, EXIT_USER, 0, s->ux_reason, s->ux_err);
+	u64 ns = bpf_ktime_get_ns() - s->ux_ts;
+	s->ux_ts = 0;
+	if (!e)
+		return;
+	if (timed)
+		exit_timed(e, ns);
+	else
+		e->count++;
+}
+
+/* At kvm_userspace_exit: the hardware exit that led here, and the start
+ * of the VMM's round trip. */
+static __always_inline void on_user_exit(struct thread_state *s, u32 reason, int err)
+{
+	if (s->hx_ts)
+		hw_exit_untimed(s, 1);
+	if (s->ux_ts)           /* a return whose next KVM_RUN we did not see */
+		user_exit_end(s, 0);
+	s->ux_reason = reason;
+	s->ux_err = err < 0 ? -err : err;
+	s->ux_ts = bpf_ktime_get_ns();
+}
+
+/* The thread exits: what is still open is counted, untimed. */
+static __always_inline void flush_exits(struct thread_state *s)
+{
+	if (s->hx_ts)
+		hw_exit_untimed(s, 0);
+	if (s->ux_ts)
+		user_exit_end(s, 0);
+}
+
+#ifdef HAVE_KVM_EXIT
+/* The regular tracepoint, not the raw one: only it has the exit reason
+ * (kvm.ko asks the vendor module for it while filling the event). */
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return 0;
+	if (s->hx_ts)           /* an exit with no entry after it (none seen) */
+		hw_exit_untimed(s, 0);
+	s->hx_reason = args->exit_reason;
+	s->hx_isa = args->isa;
+	s->hx_ts = bpf_ktime_get_ns();
+	return 0;
+}
+
+/* TP_PROTO(struct kvm_vcpu *vcpu, bool force_immediate_exit): the raw
+ * tracepoint, nothing of the event is needed but the time.  The interval
+ * timed is kvm_exit -> this kvm_entry on the same thread: kvm.ko's own
+ * handling of the exit (including a halted vCPU's wait), with no return
+ * to the VMM in between. */
+RAW_TRACEPOINT_PROBE(kvm_entry)
+{
+	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
+	if (!s || !s->hx_ts)
+		return 0;
+	u64 ns = bpf_ktime_get_ns() - s->hx_ts;
+	struct exit_stats *e = exit_stats_of(s, EXIT_HW, s->hx_isa, s->hx_reason, 0);
+	s->hx_ts = 0;
+	if (e)
+		exit_timed(e, ns);
+	return 0;
+}
+#endif /* HAVE_KVM_EXIT */
+#else
+#define on_user_exit(s, reason, err) do { } while (0)
+#define flush_exits(s) do { } while (0)
+#endif /* WITH_EXITS */
+
 RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 {
 	struct thread_state *s = thread();
@@ -1164,6 +1332,7 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 	u32 reason = ctx->args[0];
 	int err = ctx->args[1];
 	on_exit(s, reason, err);
+	on_user_exit(s, reason, err);
 	/* An MMIO/IO exit is handled and the guest goes on: keep batching.
 	 * Any other return (HLT, a signal, a pause, an error) may be the last
 	 * for a while: make the maps complete. */
@@ -1193,6 +1362,12 @@ static __always_inline void on_kvm_run(struct thread_state *s, u32 pid, u32 fd)
 	}
 	s->exit_kind = EXIT_NONE;
 	s->fresh_entry = 1;
+#ifdef WITH_EXITS
+	/* The VMM's round trip for the last KVM_RUN return, by its reason:
+	 * kvm_userspace_exit -> this KVM_RUN call on the same thread. */
+	if (s->ux_ts)
+		user_exit_end(s, 1);
+#endif
 }
 
 static __always_inline void bump_reg_gen(void)
@@ -1515,6 +1690,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	struct thread_state *s = thread_find(tid);
 	if (s) {
 		flush_batches(s);
+		flush_exits(s);
 		/* A slot is free for the next thread (task storage, whose tid
 		 * is 0, goes with this one). */
 		s->tid = 0;
