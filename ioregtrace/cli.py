@@ -597,8 +597,11 @@ def _parse_counts(values):
 @click.option("--pass-log", type=click.Path(dir_okay=False, writable=True),
               help="After each measured pass, append a line: CLOCK_MONOTONIC seconds, "
                    "vCPU thread CPU seconds, accesses so far (make bench reads it).")
+@click.option("--cpuid", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="N", help="Execute CPUID N times first in the measured pass (exits "
+                                "kvm.ko handles itself, with no device access).")
 @click.option("--list", "list_mix", is_flag=True, help="Print the mix and exit.")
-def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, pass_log, list_mix):
+def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, pass_log, cpuid, list_mix):
     """Run the built-in demo VM: a tiny VMM on /dev/kvm whose guest makes a
     known mix of device accesses over every dispatch path.
 
@@ -622,7 +625,8 @@ def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, pass_log, lis
         return
     try:
         run.run(scale=scale, counts=counts, delay_us=delay_us, wait_signal=wait_signal,
-                churn=churn, repeat=repeat, truth_path=truth, pass_log=pass_log)
+                churn=churn, repeat=repeat, truth_path=truth, pass_log=pass_log,
+                cpuid=cpuid)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -281,8 +281,9 @@ class Session:
         events = self.tracer.raw_events() if self.tracer.events is not None else None
         if events is not None:
             events.lost = snapshot.counters.get("lost_raw_events", 0)
+        programs = {name: v for name, v in self.tracer.program_stats().items() if v[0]}
         return Recording(snapshot=snapshot, duration_s=self.elapsed, vms=vms, notes=notes,
-                         events=events, probes=self.probe_facts())
+                         events=events, probes=self.probe_facts(), bpf_programs=programs)
 
     def vms_alive(self):
         """How many traced VMM processes are running now."""

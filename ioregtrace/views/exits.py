@@ -149,11 +149,32 @@ def _json_rows(table, hidden, per_vcpu):
 def to_json(recording, per_vcpu=False, sort="count", top=None, vm=None):
     hw, user, notes, hidden = build(recording, per_vcpu, sort, top, vm)
     counters = recording.snapshot.counters
-    return {"version": JSON_VERSION, "duration_s": recording.duration_s,
-            "hardware": None if hw is None else _json_rows(hw, hidden, per_vcpu),
-            "userspace": _json_rows(user, hidden, per_vcpu),
-            "lost_events": counters.get("lost_events", 0),
-            "dropped_exits": counters.get("dropped_exits", 0), "notes": notes}
+    doc = {"version": JSON_VERSION, "duration_s": recording.duration_s,
+           "hardware": None if hw is None else _json_rows(hw, hidden, per_vcpu),
+           "userspace": _json_rows(user, hidden, per_vcpu),
+           "lost_events": counters.get("lost_events", 0),
+           "dropped_exits": counters.get("dropped_exits", 0), "notes": notes}
+    if recording.bpf_programs:
+        doc["bpf_programs"] = {name: {"run_cnt": n, "run_time_ns": ns}
+                               for name, (n, ns) in sorted(recording.bpf_programs.items())}
+        cost = exit_cost_ns(recording.bpf_programs)
+        if cost is not None:
+            doc["bpf_ns_per_exit"] = cost
+    return doc
+
+
+# The programs exit tracing adds (BCC's names for them).
+EXIT_PROGRAMS = ("tracepoint__kvm__kvm_exit", "raw_tracepoint__kvm_entry")
+
+
+def exit_cost_ns(programs):
+    """BPF time per hardware exit, by the kernel's accounting: the
+    kvm_exit and kvm_entry programs' run time over the exits (None when
+    they did not run)."""
+    runs = programs.get(EXIT_PROGRAMS[0], (0, 0))[0]
+    if not runs:
+        return None
+    return sum(programs.get(name, (0, 0))[1] for name in EXIT_PROGRAMS) / runs
 
 
 CSV_COLUMNS = ("kind", "pid", "tid", "comm", "vm_name", "isa", "reason", "name", "count",
