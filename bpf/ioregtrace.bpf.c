@@ -42,6 +42,14 @@ static long (*read_user)(void *dst, u32 size, const void *src) =
 static long (*read_user_str)(void *dst, u32 size, const void *src) =
 	(void *)BPF_FUNC_probe_read_user_str;
 
+/* What a program on a regular tracepoint returns.  The kernel hands the
+ * event on to the perf events open on that tracepoint only when its BPF
+ * programs return non-zero (perf_trace_run_bpf_submit): returning 0 would
+ * hide every kvm_exit from a `perf kvm stat record` running beside us (seen:
+ * perf recorded kvm_entry alone).  With no such perf event it costs nothing.
+ * (Raw tracepoints have no such filter.) */
+#define KEEP_EVENT 1
+
 #define KVM_TRACE_MMIO_READ_UNSATISFIED 0
 #define KVM_TRACE_MMIO_READ 1
 #define KVM_TRACE_MMIO_WRITE 2
@@ -1292,13 +1300,13 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 {
 	struct thread_state *s = thread();
 	if (!s || !s->traced)
-		return 0;
+		return KEEP_EVENT;
 	if (s->hx_ts)           /* an exit with no entry after it (none seen) */
 		hw_exit_untimed(s, 0);
 	s->hx_reason = args->exit_reason;
 	s->hx_isa = args->isa;
 	s->hx_ts = bpf_ktime_get_ns();
-	return 0;
+	return KEEP_EVENT;
 }
 
 /* TP_PROTO(struct kvm_vcpu *vcpu, bool force_immediate_exit): the raw
@@ -1496,16 +1504,16 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	    cmd != KVM_SET_IOREGION &&
 #endif
 	    cmd != KVM_UNREGISTER_COALESCED_MMIO)
-		return 0;
+		return KEEP_EVENT;
 	struct thread_state *s = thread();
 	if (!s)
-		return 0;
+		return KEEP_EVENT;
 	if (cmd == KVM_RUN) {
 		on_kvm_run(s, s->pid, args->fd);
-		return 0;
+		return KEEP_EVENT;
 	}
 	if (!s->watched)
-		return 0;
+		return KEEP_EVENT;
 	u32 pid = s->pid;
 	if (cmd == KVM_CREATE_VM) {
 		struct vm_info *vi = vm_of(pid);
@@ -1533,7 +1541,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		read_user(&a, sizeof(a), (void *)args->arg);
 		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO, &a);
 	}
-	return 0;
+	return KEEP_EVENT;
 }
 
 /* ---- QEMU memory-map mirror ---------------------------------------------
@@ -1636,35 +1644,35 @@ int qemu_flatview_section(void *ctx)
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
 	if (args->off != 0 || (long)args->fd < 0)
-		return 0;
+		return KEEP_EVENT;
 	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
 	if (!s)
-		return 0;
+		return KEEP_EVENT;
 	u64 size = cfg(CFG_VCPU_MMAP_SIZE);
 	if (s->vcpu_created && (!size || args->len == size)) {
 		s->vcpu_created = 0;
 	} else {
 		struct fd_key fk = {.pid = s->pid, .fd = args->fd};
 		if (!vcpu_runs.lookup(&fk))
-			return 0;
+			return KEEP_EVENT;
 	}
 	s->mmap_vcpu = 1;
 	s->mmap_fd = args->fd;
-	return 0;
+	return KEEP_EVENT;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
 	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
 	if (!s || !s->mmap_vcpu)
-		return 0;
+		return KEEP_EVENT;
 	s->mmap_vcpu = 0;
 	if (args->ret < 0 && args->ret > -4096)
-		return 0;
+		return KEEP_EVENT;
 	struct fd_key fk = {.pid = s->pid, .fd = s->mmap_fd};
 	u64 addr = args->ret;
 	vcpu_runs.update(&fk, &addr);
-	return 0;
+	return KEEP_EVENT;
 }
 
 /* With -p or -- CMD, children of traced processes are traced too (a VMM
@@ -1673,14 +1681,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
 	if (cfg(CFG_MODE) != MODE_TARGETS)
-		return 0;
+		return KEEP_EVENT;
 	u32 parent = bpf_get_current_pid_tgid() >> 32;
 	if (!targets.lookup(&parent))
-		return 0;
+		return KEEP_EVENT;
 	u32 child = args->child_pid;
 	u8 one = 1;
 	targets.update(&child, &one);
-	return 0;
+	return KEEP_EVENT;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
@@ -1697,11 +1705,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	}
 	if (tid != tgid) {
 		targets.delete(&tid);
-		return 0;
+		return KEEP_EVENT;
 	}
 	/* The group leader: the VMM process is going away. */
 	struct vm_info *vi = vms.lookup(&tgid);
 	if (vi && !vi->exited_ns)
 		vi->exited_ns = bpf_ktime_get_ns();
-	return 0;
+	return KEEP_EVENT;
 }

@@ -363,16 +363,23 @@ def _write_bundle(bundle, output, recording, redact):
 @_by_option
 @click.option("--events", "list_events", is_flag=True,
               help="List the raw access events instead of the table.")
+@click.option("--exits", "show_exits", is_flag=True,
+              help="Show the VM exits by reason instead of accesses (as stat --exits).")
+@click.option("--per-vcpu", is_flag=True, help="With --exits: a row per vCPU thread.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write to FILE instead of stdout.")
-def report(bundle_file, as_json, as_csv, sort, top, vm, by, list_events, output):
+def report(bundle_file, as_json, as_csv, sort, top, vm, by, list_events, show_exits, per_vcpu,
+           output):
     """Render a bundle written by `ioregtrace record`, offline: the same
     tables as `stat`, or its raw events.  Reading a bundle never runs
     anything from it; a damaged or foreign file is one error line."""
     from . import bundle
     from .views import events as events_view
 
-    shape = _shape(as_json, as_csv, by, sort, top, vm)
+    if per_vcpu and not show_exits:
+        raise click.UsageError("--per-vcpu needs --exits here (a bundle's accesses are "
+                               "per VM unless recorded per vCPU)")
+    shape = _shape(as_json, as_csv, by, sort, top, vm, exits=show_exits, per_vcpu=per_vcpu)
     check_output(output)
     recording = bundle.read(bundle_file)
     if list_events:
