@@ -62,12 +62,26 @@ VM_TIMEOUT_S = 900
 # reasons a run can show, to their exit codes (APM vol. 2, appendix C).
 PERF_SVM_NAMES = {"npf": 0x400, "io": 0x7B, "interrupt": 0x60, "cpuid": 0x72, "hlt": 0x78,
                   "msr": 0x7C, "vintr": 0x64, "nmi": 0x61, "pause": 0x77, "rdtsc": 0x6E,
-                  "rdpmc": 0x6F, "write_cr0": 0x10, "write_cr3": 0x13, "write_cr4": 0x14,
-                  "write_cr8": 0x18, "read_cr0": 0x00, "invlpg": 0x79, "xsetbv": 0x8D,
-                  "wbinvd": 0x89, "shutdown": 0x7F, "hypercall": 0x81, "invd": 0x76,
-                  "DB excp": 0x41, "BP excp": 0x43, "UD excp": 0x46, "GP excp": 0x4D,
-                  "PF excp": 0x4E, "AC excp": 0x51, "MC excp": 0x52, "write_dr7": 0x37,
-                  "read_dr7": 0x27, "smi": 0x62, "init": 0x63, "iret": 0x74, "rdtscp": 0x87}
+                  "rdpmc": 0x6F, "invlpg": 0x79, "xsetbv": 0x8D, "wbinvd": 0x89,
+                  "shutdown": 0x7F, "hypercall": 0x81, "invd": 0x76, "smi": 0x62,
+                  "init": 0x63, "iret": 0x74, "rdtscp": 0x87, "cr0_sel_write": 0x65,
+                  "vmrun": 0x80, "vmload": 0x82, "vmsave": 0x83, "stgi": 0x84, "clgi": 0x85,
+                  "write_efer_trap": 0x8F, "pushf": 0x70, "popf": 0x71, "rsm": 0x73,
+                  "swint": 0x75, "invlpga": 0x7A, "task_switch": 0x7D, "ferr_freeze": 0x7E,
+                  "skinit": 0x86, "icebp": 0x88, "monitor": 0x8A, "mwait": 0x8B,
+                  "invpcid": 0xA2, "read_idtr": 0x66, "read_gdtr": 0x67, "read_ldtr": 0x68,
+                  "read_rt": 0x69, "write_idtr": 0x6A, "write_gdtr": 0x6B, "write_ldtr": 0x6C,
+                  "write_rt": 0x6D, "avic_incomplete_ipi": 0x401,
+                  "avic_unaccelerated_access": 0x402, "vmgexit": 0x403,
+                  **{f"{op}_{reg}{n}": base + n
+                     for op, reg, base in (("read", "cr", 0x00), ("write", "cr", 0x10),
+                                           ("read", "dr", 0x20), ("write", "dr", 0x30))
+                     for n in range(16)},
+                  **{f"write_cr{n}_trap": 0x90 + n for n in range(16)},
+                  **{f"{name} excp": 0x40 + vector for vector, name in (
+                      (0, "DE"), (1, "DB"), (3, "BP"), (4, "OF"), (5, "BR"), (6, "UD"),
+                      (7, "NM"), (8, "DF"), (10, "TS"), (11, "NP"), (12, "SS"), (13, "GP"),
+                      (14, "PF"), (16, "MF"), (17, "AC"), (18, "MC"), (19, "XF"))}}
 
 PERF_ROW = re.compile(r"^\s*(.+?)\s+(\d+)\s+[\d.]+%\s+[\d.]+%\s+([\d.]+)us\s+([\d.]+)us\s+"
                       r"([\d.]+)us")
@@ -124,7 +138,7 @@ def _ours(share, name):
 
 def _perf_events(share, name):
     """perf's own record, event by event: [(tid, event, vcpu, reason, time_s)]."""
-    res = subprocess.run(["perf", "script", "-i", str(share / f"{name}.perf"),
+    res = subprocess.run(["perf", "script", "--ns", "-i", str(share / f"{name}.perf"),
                           "-F", "tid,time,event,trace"],
                          capture_output=True, text=True, check=True)
     events = []
@@ -143,11 +157,11 @@ def _perf_report(share, name, vcpu=None):
             "--event=vmexit"] + ([] if vcpu is None else ["--vcpu", str(vcpu)])
     res = subprocess.run(argv, capture_output=True, text=True, check=True)
     rows = {}
-    for line in res.stdout.splitlines():
+    for line in (res.stdout + res.stderr).splitlines():     # perf 6.1: the table on stderr
         m = PERF_ROW.match(line)
         if m and m.group(1).strip() != "VM-EXIT":
             rows[m.group(1).strip()] = (int(m.group(2)), float(m.group(5)))
-    assert rows, res.stdout
+    assert rows, res.stdout + res.stderr
     return rows
 
 
@@ -238,8 +252,13 @@ def test_handling_time_agrees_with_perf_kvm_stat(share, name, code, count):
     perf_median = statistics.median(times)
     print(f"{name}: ioregtrace p50 <= {p50:.2f} us, mean {row['time_us']['avg']:.2f} us; "
           f"perf kvm stat avg {perf_avg:.2f} us, perf's median {perf_median:.2f} us")
-    # the bucket holding the true median: [p50 / 1.125, p50]
+    # acceptance 2: the median agrees with perf kvm stat's average within
+    # the histogram's bucket error (12.5 %)
+    assert abs(p50 - perf_avg) <= 0.125 * perf_avg, (p50, perf_avg)
+    # the bucket holding the true median, [p50 / 1.125, p50], holds perf's
+    # (both tools' timestamps differ by their own cost: 3 % either way)
     assert p50 / 1.125 * 0.97 <= perf_median <= p50 * 1.03, (p50, perf_median)
+    # the exact mean over the same exits
     assert row["time_us"]["avg"] == pytest.approx(perf_avg, rel=0.10), (row, perf_avg)
 
 
