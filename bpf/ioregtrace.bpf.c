@@ -285,6 +285,8 @@ struct thread_state {
 	u32 ux_reason;          /* kvm_run.exit_reason of the open return */
 	u16 ux_err;             /* its errno (KVM_RUN failed: -EINTR on a signal) */
 	u8 hx_isa;              /* KVM_ISA_VMX 1, KVM_ISA_SVM 2 */
+	u8 kx_valid;            /* kx_key: an access kvm.ko served in the open exit */
+	struct access_key kx_key;
 } __attribute__((aligned(64)));
 
 #define EXIT_NONE 0
@@ -831,6 +833,12 @@ static __always_inline void count_now(struct thread_state *s, u32 pid, u8 space,
 			       .op = op, .path = path, .size = size,
 			       .layout = layout_now(s)};
 	count_access(s, &k, n);
+#ifdef HAVE_KVM_EXIT
+	/* an access served in the kernel: its exit's handling time is its
+	 * cost, known at kvm_entry */
+	s->kx_key = k;
+	s->kx_valid = 1;
+#endif
 }
 
 /* A read the kernel reports as done.  Returns 1 when it must not be counted
@@ -1303,6 +1311,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 		return KEEP_EVENT;
 	if (s->hx_ts)           /* an exit with no entry after it (none seen) */
 		hw_exit_untimed(s, 0);
+	s->kx_valid = 0;
 	s->hx_reason = args->exit_reason;
 	s->hx_isa = args->isa;
 	s->hx_ts = bpf_ktime_get_ns();
@@ -1324,6 +1333,19 @@ RAW_TRACEPOINT_PROBE(kvm_entry)
 	s->hx_ts = 0;
 	if (e)
 		exit_timed(e, ns);
+	/* The device access this exit carried, if kvm.ko served it (kernel,
+	 * ioeventfd, coalesced): the guest is re-entered with no return to
+	 * the VMM, so a pending one is settled in the kernel here, and the
+	 * exit's handling time is its latency, in its own row. */
+	if (s->pending && s->traced) {
+		s->kx_key = s->pend_key;
+		s->kx_valid = 1;
+		settle_in_kernel(s);
+	}
+	if (s->kx_valid) {
+		s->kx_valid = 0;
+		record_latency(s, &s->kx_key, ns);
+	}
 	return 0;
 }
 #endif /* HAVE_KVM_EXIT */

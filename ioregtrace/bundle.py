@@ -95,6 +95,7 @@ def to_doc(rec, redact=False):
         "exits": [[vm, k.kind, k.isa, k.reason, k.err, k.tid, s.count, s.to_user, s.sum_ns,
                    s.min_ns, s.max_ns, [[i, n] for i, n in enumerate(s.slots) if n]]
                   for (vm, k), s in snap.exits.items()],
+        "bpf_programs": {name: list(v) for name, v in rec.bpf_programs.items()},
         "events": events,
     }
 
@@ -342,6 +343,11 @@ def from_doc(doc):
     rows, cr = d.get("exits", []), c.at(".exits")
     for i, row in enumerate(_list(cr, rows)):
         snap.exits.update([_exit_from(cr.at(f"[{i}]"), row)])
+    programs = {}
+    cp = c.at(".bpf_programs")
+    for name, v in _dict(cp, d.get("bpf_programs", {})).items():
+        runs, ns = _list(cp, v, 2)
+        programs[_str(cp, name, maxlen=64)] = (_int(cp, runs), _int(cp, ns))
     notes, cn = _field(c, d, "notes")
     host, _ = _field(c, d, "host")
     probes, _ = _field(c, d, "probes")
@@ -350,6 +356,7 @@ def from_doc(doc):
                      host=_host_from(c.at(".host"), host),
                      probes=_probes_from(c.at(".probes"), probes),
                      events=_events_from(c.at(".events"), d.get("events")),
+                     bpf_programs=programs,
                      created=_str(c.at(".created"), d.get("created", ""), maxlen=64))
 
 

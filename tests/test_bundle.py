@@ -63,7 +63,9 @@ def sample_recording():
                                      history=h, region_ops=ops)},
                      notes=["a note from the session"], host={"hostname": "h1", "kernel": "6.18"},
                      probes={"attached": ["kvm:kvm_mmio"], "unavailable": {}},
-                     events=events, created="2026-11-25T00:00:00Z")
+                     events=events, created="2026-11-25T00:00:00Z",
+                     bpf_programs={"tracepoint__kvm__kvm_exit": (6, 6000),
+                                   "raw_tracepoint__kvm_entry": (4, 2000)})
 
 
 def rendered(rec, by="auto"):
