@@ -23,6 +23,7 @@ unit: setup
 # BENCH_ARGS=--quick for a short run, --soak MINUTES for the soak.
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/exit_cost.py
 
 # Linux 6.12 with the ioregionfd series (kernel/patches), and its selftest;
 # built once per machine, cached in /var/cache/ioregtrace/kernel/.

@@ -214,6 +214,24 @@ struct kvm_run_head {
 	};
 };
 
+/* Exits of one key a vCPU thread holds back from the exits map (WITH_EXITS):
+ * a run of one reason (a guest spinning on CPUID, a PIT, a doorbell) costs
+ * one map update per EXIT_FLUSH exits, not one each. */
+struct exit_batch {
+	u32 reason;
+	u16 err;
+	u8 isa;
+	u8 kind;
+	u32 n;                  /* exits in the batch */
+	u32 to_user;
+	u32 timed;              /* of them timed: slot[0 .. timed) */
+	u32 pad;
+	u64 sum_ns;
+	u64 min_ns;
+	u64 max_ns;
+	u16 slot[EXIT_FLUSH];
+};
+
 /* Per-thread state: see thread() for where it lives. */
 struct thread_state {
 	/* In 64-byte lines by when the fields are used: every event (with the
@@ -287,6 +305,8 @@ struct thread_state {
 	u8 hx_isa;              /* KVM_ISA_VMX 1, KVM_ISA_SVM 2 */
 	u8 kx_valid;            /* kx_key: an access kvm.ko served in the open exit */
 	struct access_key kx_key;
+	struct exit_batch hb;   /* hardware exits held back */
+	struct exit_batch ub;   /* returns to userspace held back */
 } __attribute__((aligned(64)));
 
 #define EXIT_NONE 0
@@ -687,11 +707,125 @@ static __always_inline void flush_latency(struct thread_state *s)
 	}
 }
 
+#ifdef WITH_EXITS
+#define EXIT_HW 0
+#define EXIT_USER 1
+
+struct exit_key {
+	u32 tid;        /* the vCPU thread */
+	u32 vm;         /* serial of its VMM process */
+	u32 reason;
+	u8 isa;         /* EXIT_HW: KVM_ISA_*; EXIT_USER: 0 */
+	u8 kind;        /* EXIT_HW / EXIT_USER */
+	u16 err;        /* EXIT_USER: errno of a failed KVM_RUN, else 0 */
+};
+
+struct exit_stats {     /* timed exits: the histogram's sum */
+	u64 count;      /* every exit of the key */
+	u64 to_user;    /* EXIT_HW: returned to the VMM before the next entry */
+	u64 sum_ns;
+	u64 min_ns;
+	u64 max_ns;
+	u64 slots[HIST_ARRAY];
+};
+
+/* 2 KiB a key; vCPUs x reasons seen, allocated as used. */
+BPF_F_TABLE("hash", struct exit_key, struct exit_stats, exits, MAX_EXIT_KEYS,
+	    BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(exit_zero, struct exit_stats, 1);
+
+static __always_inline struct exit_stats *exit_stats_of(struct thread_state *s,
+							 struct exit_batch *b)
+{
+	struct exit_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .vm = s->vm,
+			     .reason = b->reason, .isa = b->isa, .kind = b->kind,
+			     .err = b->err};
+	struct exit_stats *e = exits.lookup(&k);
+	if (e)
+		return e;
+	int zero_idx = 0;
+	struct exit_stats *zero = exit_zero.lookup(&zero_idx);
+	if (zero)
+		exits.insert(&k, zero);
+	e = exits.lookup(&k);
+	if (!e)
+		bump(CNT_DROPPED_EXITS, b->n);
+	return e;
+}
+
+/* The batch into the exits map.  Each key is written only by its own vCPU
+ * thread (the tid is in it): no atomics. */
+static __always_inline void flush_exit_batch(struct thread_state *s, struct exit_batch *b)
+{
+	u32 n = b->n;
+	if (!n)
+		return;
+	struct exit_stats *e = exit_stats_of(s, b);
+	b->n = 0;
+	if (!e)
+		return;
+	e->count += n;
+	e->to_user += b->to_user;
+	if (!b->timed)
+		return;
+	e->sum_ns += b->sum_ns;
+	if (b->max_ns > e->max_ns)
+		e->max_ns = b->max_ns;
+	if (!e->min_ns || b->min_ns < e->min_ns)
+		e->min_ns = b->min_ns;
+#pragma clang loop unroll(disable)
+	for (u32 i = 0; i < EXIT_FLUSH; i++) {
+		if (i >= b->timed)
+			break;
+		e->slots[b->slot[i] & (HIST_ARRAY - 1)]++;
+	}
+}
+
+/* One exit into the thread's batch of its kind (`ns` when timed). */
+static __always_inline void exit_batch_add(struct thread_state *s, struct exit_batch *b,
+					   u8 kind, u8 isa, u32 reason, u16 err, u64 ns,
+					   int timed, u32 to_user)
+{
+	if (b->n && (b->reason != reason || b->isa != isa || b->err != err))
+		flush_exit_batch(s, b);
+	if (!b->n) {
+		b->reason = reason;
+		b->isa = isa;
+		b->err = err;
+		b->kind = kind;
+		b->to_user = b->timed = 0;
+		b->sum_ns = b->min_ns = b->max_ns = 0;
+	}
+	b->n++;
+	b->to_user += to_user;
+	if (timed) {
+		b->slot[b->timed & (EXIT_FLUSH - 1)] = hist_slot(ns);
+		b->timed++;
+		b->sum_ns += ns;
+		if (ns > b->max_ns)
+			b->max_ns = ns;
+		if (!b->min_ns || ns < b->min_ns)
+			b->min_ns = ns ? ns : 1;        /* 0 means "none yet" */
+	}
+	if (b->n >= EXIT_FLUSH)
+		flush_exit_batch(s, b);
+}
+
+static __always_inline void flush_exit_batches(struct thread_state *s)
+{
+	flush_exit_batch(s, &s->hb);
+	flush_exit_batch(s, &s->ub);
+}
+#else
+#define flush_exit_batches(s) do { } while (0)
+#endif /* WITH_EXITS */
+
 /* Everything the thread holds back from the maps. */
 static __always_inline void flush_batches(struct thread_state *s)
 {
 	flush_run(s);
 	flush_latency(s);
+	flush_exit_batches(s);
 }
 
 static __always_inline void record_latency(struct thread_state *s, struct access_key *k, u64 ns)
@@ -1195,88 +1329,26 @@ static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
  *    errno when KVM_RUN failed), timed from kvm_userspace_exit to the
  *    thread's next KVM_RUN call: the VMM's round trip.
  * Each key is written only by its own vCPU thread (the tid is in it), so
- * the updates need no atomics.  An exit is added to the map when it ends
- * (entry, or next KVM_RUN); the ones still open at the end are added by
- * the agent from the thread's state (probes.py, _add_held_back) or at
- * thread exit (flush_exits). */
+ * the updates need no atomics.  An exit is counted when it ends (entry, or
+ * next KVM_RUN), into the thread's batch of its kind (struct exit_batch:
+ * up to EXIT_FLUSH exits of one reason per map update), which goes to the
+ * map when the reason changes, when it is full, at every KVM_RUN return
+ * other than an MMIO/IO exit, and at thread exit (flush_exits).  The agent
+ * adds the batches and the exits still open at the end from the thread's
+ * state (probes.py, _add_open_exits). */
 #ifdef WITH_EXITS
-#define EXIT_HW 0
-#define EXIT_USER 1
-
-struct exit_key {
-	u32 tid;        /* the vCPU thread */
-	u32 vm;         /* serial of its VMM process */
-	u32 reason;
-	u8 isa;         /* EXIT_HW: KVM_ISA_*; EXIT_USER: 0 */
-	u8 kind;        /* EXIT_HW / EXIT_USER */
-	u16 err;        /* EXIT_USER: errno of a failed KVM_RUN, else 0 */
-};
-
-struct exit_stats {     /* timed exits: the histogram's sum */
-	u64 count;      /* every exit of the key */
-	u64 to_user;    /* EXIT_HW: returned to the VMM before the next entry */
-	u64 sum_ns;
-	u64 min_ns;
-	u64 max_ns;
-	u64 slots[HIST_ARRAY];
-};
-
-/* 2 KiB a key; vCPUs x reasons seen, allocated as used. */
-BPF_F_TABLE("hash", struct exit_key, struct exit_stats, exits, MAX_EXIT_KEYS,
-	    BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(exit_zero, struct exit_stats, 1);
-
-static __always_inline struct exit_stats *exit_stats_of(struct thread_state *s, u8 kind,
-							 u8 isa, u32 reason, u16 err)
-{
-	struct exit_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .vm = s->vm,
-			     .reason = reason, .isa = isa, .kind = kind, .err = err};
-	struct exit_stats *e = exits.lookup(&k);
-	if (e)
-		return e;
-	int zero_idx = 0;
-	struct exit_stats *zero = exit_zero.lookup(&zero_idx);
-	if (zero)
-		exits.insert(&k, zero);
-	e = exits.lookup(&k);
-	if (!e)
-		bump(CNT_DROPPED_EXITS, 1);
-	return e;
-}
-
-static __always_inline void exit_timed(struct exit_stats *e, u64 ns)
-{
-	e->count++;
-	e->sum_ns += ns;
-	e->slots[hist_slot(ns) & (HIST_ARRAY - 1)]++;
-	if (ns > e->max_ns)
-		e->max_ns = ns;
-	if (ns < e->min_ns || !e->min_ns)
-		e->min_ns = ns ? ns : 1;        /* 0 means "none yet" */
-}
-
 /* The open hardware exit went to userspace: counted, not timed. */
-static __always_inline void hw_exit_untimed(struct thread_state *s, u64 to_user)
+static __always_inline void hw_exit_untimed(struct thread_state *s, u32 to_user)
 {
-	struct exit_stats *e = exit_stats_of(s, EXIT_HW, s->hx_isa, s->hx_reason, 0);
 	s->hx_ts = 0;
-	if (e) {
-		e->count++;
-		e->to_user += to_user;
-	}
+	exit_batch_add(s, &s->hb, EXIT_HW, s->hx_isa, s->hx_reason, 0, 0, 0, to_user);
 }
 
 static __always_inline void user_exit_end(struct thread_state *s, int timed)
 {
-	struct exit_stats *e = exit_stats_of(s, EXIT_USER, 0, s->ux_reason, s->ux_err);
-	u64 ns = bpf_ktime_get_ns() - s->ux_ts;
+	u64 ns = timed ? bpf_ktime_get_ns() - s->ux_ts : 0;
 	s->ux_ts = 0;
-	if (!e)
-		return;
-	if (timed)
-		exit_timed(e, ns);
-	else
-		e->count++;
+	exit_batch_add(s, &s->ub, EXIT_USER, 0, s->ux_reason, s->ux_err, ns, timed, 0);
 }
 
 /* At kvm_userspace_exit: the hardware exit that led here, and the start
@@ -1299,6 +1371,7 @@ static __always_inline void flush_exits(struct thread_state *s)
 		hw_exit_untimed(s, 0);
 	if (s->ux_ts)
 		user_exit_end(s, 0);
+	flush_exit_batches(s);
 }
 
 #ifdef HAVE_KVM_EXIT
@@ -1329,10 +1402,8 @@ RAW_TRACEPOINT_PROBE(kvm_entry)
 	if (!s || !s->hx_ts)
 		return 0;
 	u64 ns = bpf_ktime_get_ns() - s->hx_ts;
-	struct exit_stats *e = exit_stats_of(s, EXIT_HW, s->hx_isa, s->hx_reason, 0);
 	s->hx_ts = 0;
-	if (e)
-		exit_timed(e, ns);
+	exit_batch_add(s, &s->hb, EXIT_HW, s->hx_isa, s->hx_reason, 0, ns, 1, 0);
 	/* The device access this exit carried, if kvm.ko served it (kernel,
 	 * ioeventfd, coalesced): the guest is re-entered with no return to
 	 * the VMM, so a pending one is settled in the kernel here, and the

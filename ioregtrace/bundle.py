@@ -31,7 +31,7 @@ MIN_LIMIT = 64 << 20
 CHUNK = 1 << 20
 U64 = (1 << 64) - 1
 SPACES = {str(s): s for s in Space}
-KINDS = ("ioeventfd", "coalesced")
+KINDS = ("ioeventfd", "coalesced", "ioregion")
 
 
 class BundleError(UserError):

@@ -39,6 +39,7 @@ MAP_SIZES = {
     "LAYOUT_RING_PAGES": 1024,
     "RAW_RING_PAGES": 16384,       # event mode: 64 MiB, ~1.2M events between polls
     "MAX_EXIT_KEYS": 16384,        # vCPU threads x exit reasons; 2 KiB each, as used
+    "EXIT_FLUSH": 16,              # exits of one key a vCPU batches (a power of two)
 }
 
 # Order of the counters map (CNT_* in the BPF source).
@@ -488,6 +489,14 @@ class Tracer:
         """A thread's exit still open (no kvm_entry yet: a halted vCPU, or
         the last exit of a VM) and its last KVM_RUN return (the VMM has not
         called KVM_RUN again): counted, untimed."""
+        for b in (t.hb, t.ub):            # batches not yet in the map
+            if b.n:
+                slots = [0] * histogram.SLOTS
+                for i in range(min(b.timed, MAP_SIZES["EXIT_FLUSH"])):
+                    slots[b.slot[i]] += 1
+                key = (t.vm, exits_mod.ExitKey(b.kind, b.isa, b.reason, b.err, t.tid))
+                snap.exits[key] = exits_mod.merge(snap.exits.get(key), exits_mod.ExitStats(
+                    b.n, b.to_user, b.sum_ns, b.min_ns if b.timed else 0, b.max_ns, slots))
         opened = []
         if t.hx_ts:
             opened.append(exits_mod.ExitKey(exits_mod.HW, t.hx_isa, t.hx_reason, 0, t.tid))

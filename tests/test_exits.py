@@ -186,8 +186,17 @@ def test_exits_still_open_at_the_end_are_counted():
     snap = RawSnapshot(taken=0)
     key = (3, exits.ExitKey(HW, SVM, 0x78, tid=42))
     snap.exits[key] = stats([1000])
+    empty = types.SimpleNamespace(n=0)
+    # and the exits it batches before a map update: 3 CPUIDs, two of them timed
+    batch = types.SimpleNamespace(n=3, kind=HW, isa=SVM, reason=0x72, err=0, to_user=1,
+                                  timed=2, sum_ns=5000, min_ns=2000, max_ns=3000,
+                                  slot=[histogram.slot_of(2000), histogram.slot_of(3000)] +
+                                  [0] * 14)
     slot = types.SimpleNamespace(tid=42, vm=3, hx_ts=123, hx_isa=SVM, hx_reason=0x78,
-                                 ux_ts=456, ux_reason=8, ux_err=0)
+                                 ux_ts=456, ux_reason=8, ux_err=0, hb=batch, ub=empty)
     tracer._add_open_exits(snap, slot)
     assert snap.exits[key].count == 2 and snap.exits[key].timed == 1
     assert snap.exits[(3, exits.ExitKey(USER, 0, 8, 0, 42))].count == 1
+    cpuid = snap.exits[(3, exits.ExitKey(HW, SVM, 0x72, 0, 42))]
+    assert (cpuid.count, cpuid.to_user, cpuid.timed, cpuid.sum_ns) == (3, 1, 2, 5000)
+    assert (cpuid.min_ns, cpuid.max_ns) == (2000, 3000)
