@@ -38,7 +38,9 @@ def sample_recording():
     k3 = AccessKey(200, Space.PIO, 0x70, 1, Op.WRITE, Path.UNATTRIBUTED, 0)
     snap.accesses = {(1, k1): 10, (1, k2): 7, (2, k3): 4}
     snap.latencies = {(1, k1): latency([5000] * 9 + [90000]), (1, k2): latency([7000] * 7)}
-    snap.registrations = [(2, "coalesced", Space.PIO, 0x70, 1)]
+    # an ioregion too: a bundle recorded on an ioregionfd kernel was refused
+    snap.registrations = [(2, "coalesced", Space.PIO, 0x70, 1),
+                          (2, "ioregion", Space.MMIO, 0x10004000, 0x1000)]
     hw = latency([20000] * 3 + [40000])
     snap.exits = {
         (1, exits.ExitKey(exits.HW, 2, 0x7B, 0, 101)): exits.ExitStats(
