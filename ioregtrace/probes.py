@@ -176,8 +176,11 @@ class Tracer:
         self.have_ioregion = all(requirements.tracepoint_exists("kvm", name)
                                  for name in ("kvm_ioregion_send", "kvm_ioregion_response"))
         self.exits = exits
-        self.have_kvm_exit = exits and all(requirements.tracepoint_exists("kvm", name)
-                                           for name in ("kvm_exit", "kvm_entry"))
+        # Where the CPU has neither VMX nor SVM (PVM), kvm_exit never fires:
+        # its programs would cost compile time (~0.8 s) and nothing else.
+        self.virt = requirements.hardware_virtualization()
+        self.have_kvm_exit = exits and self.virt is not None and all(
+            requirements.tracepoint_exists("kvm", name) for name in ("kvm_exit", "kvm_entry"))
         from bcc import BPF
         try:
             self.bpf = BPF(src_file=BPF_SOURCE.encode(),

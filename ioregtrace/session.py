@@ -298,6 +298,9 @@ class Session:
             unavailable["kvm:kvm_fast_mmio"] = "absent from this kernel (VMX fast path only)"
         if not self.tracer.exits:
             unavailable["kvm:kvm_exit"] = "not attached (--no-exits)"
+        elif self.tracer.virt is None:
+            unavailable["kvm:kvm_exit"] = ("not attached: the CPU has neither VMX nor SVM, so "
+                                           "KVM here (e.g. PVM) never emits it")
         elif not self.tracer.have_kvm_exit:
             unavailable["kvm:kvm_exit"] = "absent from this kernel"
         if not self.tracer.have_ioregion:

@@ -200,3 +200,17 @@ def test_exits_still_open_at_the_end_are_counted():
     cpuid = snap.exits[(3, exits.ExitKey(HW, SVM, 0x72, 0, 42))]
     assert (cpuid.count, cpuid.to_user, cpuid.timed, cpuid.sum_ns) == (3, 1, 2, 5000)
     assert (cpuid.min_ns, cpuid.max_ns) == (2000, 3000)
+
+
+def test_hardware_virtualization_from_cpu_flags(tmp_path):
+    """kvm:kvm_exit fires only under kvm_intel/kvm_amd: a CPU without VMX and
+    SVM (a PVM host) gets no exit programs, and says why."""
+    from ioregtrace import requirements
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu vme de pse svm sse\n")
+    assert requirements.hardware_virtualization(str(cpuinfo)) == "svm"
+    cpuinfo.write_text("flags\t\t: fpu vmx sse\n")
+    assert requirements.hardware_virtualization(str(cpuinfo)) == "vmx"
+    cpuinfo.write_text("flags\t\t: fpu sse hypervisor\n")
+    assert requirements.hardware_virtualization(str(cpuinfo)) is None
+    assert requirements.hardware_virtualization(str(tmp_path / "none")) is None
