@@ -5,9 +5,10 @@ host's PVM backend they never do).
 Each workload runs once, under both tools at the same time:
 `ioregtrace record -o BUNDLE -- perf kvm stat record -- GUEST`; the host
 renders the bundle (`report --exits --per-vcpu --json`, and `report
---json --by address` for the access rows).  The guest is the demo VM (its whole mix; only PIO to the
-in-kernel PIT; only CPUID) or a Linux guest with two vCPUs (the test VM's
-own kernel booting to init and powering off, e2e/guest.py).
+--json --by address` for the access rows).  The guest is the demo VM (its
+whole mix; only PIO to the in-kernel PIT; only CPUID) or a Linux guest
+with two vCPUs (the test VM's own kernel booting to init and powering
+off, e2e/guest.py).
 
 perf's side is reported on the host, by the same perf binary, from the
 perf.data the VM leaves.  perf kvm stat works in the test VM on SVM; it
