@@ -243,9 +243,13 @@ def stat(ctx, every, count, pids, duration, qmp, as_json, as_csv, sort, top, vm,
     shape = _shape(as_json, as_csv, by, sort, top, vm, exits=show_exits, per_vcpu=per_vcpu)
     check_output(output)
     # Exit tables are per thread in the kernel whatever --per-vcpu says:
-    # only the access keys need PER_VCPU.
+    # only the access keys need PER_VCPU.  Without --exits, exits are traced
+    # only where they add to the access rows (their in-kernel time, where
+    # kvm:kvm_exit fires): nothing is compiled that the output cannot show.
+    from .requirements import hardware_virtualization
+    exits = show_exits or (not no_exits and hardware_virtualization() is not None)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
-                      per_vcpu=per_vcpu and not show_exits, exits=not no_exits).start()
+                      per_vcpu=per_vcpu and not show_exits, exits=exits).start()
     try:
         if every is None:
             session.wait()
