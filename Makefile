@@ -33,7 +33,7 @@ kernel: setup
 # Boot it under QEMU TCG (nested KVM) and run the selftests and ioregtrace
 # there (also part of `make test`).
 vmtest: setup
-	IOREGTRACE_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -v tests/test_vm.py
+	IOREGTRACE_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -v tests/test_vm.py tests/test_vm_exits.py
 
 # A Linux guest under QEMU/KVM inside the test VM, on NVMe, virtio-blk,
 # virtio-net, e1000 and VGA, each workload traced by ioregtrace and checked
