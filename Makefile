@@ -23,6 +23,7 @@ unit: setup
 # BENCH_ARGS=--quick for a short run, --soak MINUTES for the soak.
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/exit_cost.py
 
 # Linux 6.12 with the ioregionfd series (kernel/patches), and its selftest;
 # built once per machine, cached in /var/cache/ioregtrace/kernel/.
@@ -37,7 +38,7 @@ qemu: setup
 # Boot it under QEMU TCG (nested KVM) and run the selftests and ioregtrace
 # there (also part of `make test`).
 vmtest: setup
-	IOREGTRACE_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -v tests/test_vm.py
+	IOREGTRACE_REQUIRE_INTEGRATION=1 $(BIN)/python -m pytest -v tests/test_vm.py tests/test_vm_exits.py
 
 # A Linux guest under QEMU/KVM inside the test VM, on NVMe, virtio-blk,
 # virtio-net, e1000 and VGA, each workload traced by ioregtrace and checked

@@ -42,6 +42,14 @@ static long (*read_user)(void *dst, u32 size, const void *src) =
 static long (*read_user_str)(void *dst, u32 size, const void *src) =
 	(void *)BPF_FUNC_probe_read_user_str;
 
+/* What a program on a regular tracepoint returns.  The kernel hands the
+ * event on to the perf events open on that tracepoint only when its BPF
+ * programs return non-zero (perf_trace_run_bpf_submit): returning 0 would
+ * hide every kvm_exit from a `perf kvm stat record` running beside us (seen:
+ * perf recorded kvm_entry alone).  With no such perf event it costs nothing.
+ * (Raw tracepoints have no such filter.) */
+#define KEEP_EVENT 1
+
 #define KVM_TRACE_MMIO_READ_UNSATISFIED 0
 #define KVM_TRACE_MMIO_READ 1
 #define KVM_TRACE_MMIO_WRITE 2
@@ -57,7 +65,8 @@ static long (*read_user_str)(void *dst, u32 size, const void *src) =
 #define CNT_INFERRED_EXITS 7    /* exits whose kvm_run could not be read */
 #define CNT_LOST_LAYOUT 8       /* mirror events lost: layout ring buffer full */
 #define CNT_LOST_RAW_EVENTS 9          /* raw access events lost: ring buffer full */
-#define NR_COUNTERS 10
+#define CNT_DROPPED_EXITS 10    /* exits not counted: exits map full */
+#define NR_COUNTERS 11
 
 struct access_key {
 	u32 pid;        /* tgid of the VMM process (PER_VCPU: the vCPU thread) */
@@ -205,6 +214,24 @@ struct kvm_run_head {
 	};
 };
 
+/* Exits of one key a vCPU thread holds back from the exits map (WITH_EXITS):
+ * a run of one reason (a guest spinning on CPUID, a PIT, a doorbell) costs
+ * one map update per EXIT_FLUSH exits, not one each. */
+struct exit_batch {
+	u32 reason;
+	u16 err;
+	u8 isa;
+	u8 kind;
+	u32 n;                  /* exits in the batch */
+	u32 to_user;
+	u32 timed;              /* of them timed: slot[0 .. timed) */
+	u32 pad;
+	u64 sum_ns;
+	u64 min_ns;
+	u64 max_ns;
+	u16 slot[EXIT_FLUSH];
+};
+
 /* Per-thread state: see thread() for where it lives. */
 struct thread_state {
 	/* In 64-byte lines by when the fields are used: every event (with the
@@ -267,6 +294,19 @@ struct thread_state {
 	u8 vcpu_created;        /* KVM_CREATE_VCPU: its kvm_run mmap comes next */
 	u8 mmap_vcpu;           /* an mmap of a vCPU fd is between enter and exit */
 	u32 mmap_fd;
+
+	/* Exit tracing (WITH_EXITS), in a line of its own: kvm_exit and
+	 * kvm_entry touch only this one and the first. */
+	u64 hx_ts;              /* kvm_exit seen, its kvm_entry not yet (0: none) */
+	u64 ux_ts;              /* KVM_RUN returned, the VMM's next KVM_RUN not yet */
+	u32 hx_reason;          /* the open exit's VMX exit reason / SVM exit code */
+	u32 ux_reason;          /* kvm_run.exit_reason of the open return */
+	u16 ux_err;             /* its errno (KVM_RUN failed: -EINTR on a signal) */
+	u8 hx_isa;              /* KVM_ISA_VMX 1, KVM_ISA_SVM 2 */
+	u8 kx_valid;            /* kx_key: an access kvm.ko served in the open exit */
+	struct access_key kx_key;
+	struct exit_batch hb;   /* hardware exits held back */
+	struct exit_batch ub;   /* returns to userspace held back */
 } __attribute__((aligned(64)));
 
 #define EXIT_NONE 0
@@ -667,11 +707,125 @@ static __always_inline void flush_latency(struct thread_state *s)
 	}
 }
 
+#ifdef WITH_EXITS
+#define EXIT_HW 0
+#define EXIT_USER 1
+
+struct exit_key {
+	u32 tid;        /* the vCPU thread */
+	u32 vm;         /* serial of its VMM process */
+	u32 reason;
+	u8 isa;         /* EXIT_HW: KVM_ISA_*; EXIT_USER: 0 */
+	u8 kind;        /* EXIT_HW / EXIT_USER */
+	u16 err;        /* EXIT_USER: errno of a failed KVM_RUN, else 0 */
+};
+
+struct exit_stats {     /* timed exits: the histogram's sum */
+	u64 count;      /* every exit of the key */
+	u64 to_user;    /* EXIT_HW: returned to the VMM before the next entry */
+	u64 sum_ns;
+	u64 min_ns;
+	u64 max_ns;
+	u64 slots[HIST_ARRAY];
+};
+
+/* 2 KiB a key; vCPUs x reasons seen, allocated as used. */
+BPF_F_TABLE("hash", struct exit_key, struct exit_stats, exits, MAX_EXIT_KEYS,
+	    BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(exit_zero, struct exit_stats, 1);
+
+static __always_inline struct exit_stats *exit_stats_of(struct thread_state *s,
+							 struct exit_batch *b)
+{
+	struct exit_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .vm = s->vm,
+			     .reason = b->reason, .isa = b->isa, .kind = b->kind,
+			     .err = b->err};
+	struct exit_stats *e = exits.lookup(&k);
+	if (e)
+		return e;
+	int zero_idx = 0;
+	struct exit_stats *zero = exit_zero.lookup(&zero_idx);
+	if (zero)
+		exits.insert(&k, zero);
+	e = exits.lookup(&k);
+	if (!e)
+		bump(CNT_DROPPED_EXITS, b->n);
+	return e;
+}
+
+/* The batch into the exits map.  Each key is written only by its own vCPU
+ * thread (the tid is in it): no atomics. */
+static __always_inline void flush_exit_batch(struct thread_state *s, struct exit_batch *b)
+{
+	u32 n = b->n;
+	if (!n)
+		return;
+	struct exit_stats *e = exit_stats_of(s, b);
+	b->n = 0;
+	if (!e)
+		return;
+	e->count += n;
+	e->to_user += b->to_user;
+	if (!b->timed)
+		return;
+	e->sum_ns += b->sum_ns;
+	if (b->max_ns > e->max_ns)
+		e->max_ns = b->max_ns;
+	if (!e->min_ns || b->min_ns < e->min_ns)
+		e->min_ns = b->min_ns;
+#pragma clang loop unroll(disable)
+	for (u32 i = 0; i < EXIT_FLUSH; i++) {
+		if (i >= b->timed)
+			break;
+		e->slots[b->slot[i] & (HIST_ARRAY - 1)]++;
+	}
+}
+
+/* One exit into the thread's batch of its kind (`ns` when timed). */
+static __always_inline void exit_batch_add(struct thread_state *s, struct exit_batch *b,
+					   u8 kind, u8 isa, u32 reason, u16 err, u64 ns,
+					   int timed, u32 to_user)
+{
+	if (b->n && (b->reason != reason || b->isa != isa || b->err != err))
+		flush_exit_batch(s, b);
+	if (!b->n) {
+		b->reason = reason;
+		b->isa = isa;
+		b->err = err;
+		b->kind = kind;
+		b->to_user = b->timed = 0;
+		b->sum_ns = b->min_ns = b->max_ns = 0;
+	}
+	b->n++;
+	b->to_user += to_user;
+	if (timed) {
+		b->slot[b->timed & (EXIT_FLUSH - 1)] = hist_slot(ns);
+		b->timed++;
+		b->sum_ns += ns;
+		if (ns > b->max_ns)
+			b->max_ns = ns;
+		if (!b->min_ns || ns < b->min_ns)
+			b->min_ns = ns ? ns : 1;        /* 0 means "none yet" */
+	}
+	if (b->n >= EXIT_FLUSH)
+		flush_exit_batch(s, b);
+}
+
+static __always_inline void flush_exit_batches(struct thread_state *s)
+{
+	flush_exit_batch(s, &s->hb);
+	flush_exit_batch(s, &s->ub);
+}
+#else
+#define flush_exit_batches(s) do { } while (0)
+#endif /* WITH_EXITS */
+
 /* Everything the thread holds back from the maps. */
 static __always_inline void flush_batches(struct thread_state *s)
 {
 	flush_run(s);
 	flush_latency(s);
+	flush_exit_batches(s);
 }
 
 static __always_inline void record_latency(struct thread_state *s, struct access_key *k, u64 ns)
@@ -813,6 +967,12 @@ static __always_inline void count_now(struct thread_state *s, u32 pid, u8 space,
 			       .op = op, .path = path, .size = size,
 			       .layout = layout_now(s)};
 	count_access(s, &k, n);
+#ifdef HAVE_KVM_EXIT
+	/* an access served in the kernel: its exit's handling time is its
+	 * cost, known at kvm_entry */
+	s->kx_key = k;
+	s->kx_valid = 1;
+#endif
 }
 
 /* A read the kernel reports as done.  Returns 1 when it must not be counted
@@ -1156,6 +1316,115 @@ static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
 	s->synced = 1;
 }
 
+/* ---- Exits by reason (WITH_EXITS; off with --no-exits) ------------------
+ * Two kinds of key, both per vCPU thread:
+ *  - EXIT_HW: every VM exit kvm.ko reports (kvm:kvm_exit, VMX and SVM; it
+ *    does not fire on every backend, e.g. PVM), by ISA and exit reason
+ *    (VMX: the full exit reason, basic reason in its low 16 bits; SVM: the
+ *    exit code).  Timed from kvm_exit to the next kvm_entry on the same
+ *    thread: kvm.ko's handling of it, when it stayed in the kernel.  An
+ *    exit that returned to userspace first is counted (to_user) but not
+ *    timed: its time is the VMM's, under its EXIT_USER key.
+ *  - EXIT_USER: every return from KVM_RUN, by kvm_run.exit_reason (and the
+ *    errno when KVM_RUN failed), timed from kvm_userspace_exit to the
+ *    thread's next KVM_RUN call: the VMM's round trip.
+ * Each key is written only by its own vCPU thread (the tid is in it), so
+ * the updates need no atomics.  An exit is counted when it ends (entry, or
+ * next KVM_RUN), into the thread's batch of its kind (struct exit_batch:
+ * up to EXIT_FLUSH exits of one reason per map update), which goes to the
+ * map when the reason changes, when it is full, at every KVM_RUN return
+ * other than an MMIO/IO exit, and at thread exit (flush_exits).  The agent
+ * adds the batches and the exits still open at the end from the thread's
+ * state (probes.py, _add_open_exits). */
+#ifdef WITH_EXITS
+/* The open hardware exit went to userspace: counted, not timed. */
+static __always_inline void hw_exit_untimed(struct thread_state *s, u32 to_user)
+{
+	s->hx_ts = 0;
+	exit_batch_add(s, &s->hb, EXIT_HW, s->hx_isa, s->hx_reason, 0, 0, 0, to_user);
+}
+
+static __always_inline void user_exit_end(struct thread_state *s, int timed)
+{
+	u64 ns = timed ? bpf_ktime_get_ns() - s->ux_ts : 0;
+	s->ux_ts = 0;
+	exit_batch_add(s, &s->ub, EXIT_USER, 0, s->ux_reason, s->ux_err, ns, timed, 0);
+}
+
+/* At kvm_userspace_exit: the hardware exit that led here, and the start
+ * of the VMM's round trip. */
+static __always_inline void on_user_exit(struct thread_state *s, u32 reason, int err)
+{
+	if (s->hx_ts)
+		hw_exit_untimed(s, 1);
+	if (s->ux_ts)           /* a return whose next KVM_RUN we did not see */
+		user_exit_end(s, 0);
+	s->ux_reason = reason;
+	s->ux_err = err < 0 ? -err : err;
+	s->ux_ts = bpf_ktime_get_ns();
+}
+
+/* The thread exits: what is still open is counted, untimed. */
+static __always_inline void flush_exits(struct thread_state *s)
+{
+	if (s->hx_ts)
+		hw_exit_untimed(s, 0);
+	if (s->ux_ts)
+		user_exit_end(s, 0);
+	flush_exit_batches(s);
+}
+
+#ifdef HAVE_KVM_EXIT
+/* The regular tracepoint, not the raw one: only it has the exit reason
+ * (kvm.ko asks the vendor module for it while filling the event). */
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+	struct thread_state *s = thread();
+	if (!s || !s->traced)
+		return KEEP_EVENT;
+	if (s->hx_ts)           /* an exit with no entry after it (none seen) */
+		hw_exit_untimed(s, 0);
+	s->kx_valid = 0;
+	s->hx_reason = args->exit_reason;
+	s->hx_isa = args->isa;
+	s->hx_ts = bpf_ktime_get_ns();
+	return KEEP_EVENT;
+}
+
+/* TP_PROTO(struct kvm_vcpu *vcpu, bool force_immediate_exit): the raw
+ * tracepoint, nothing of the event is needed but the time.  The interval
+ * timed is kvm_exit -> this kvm_entry on the same thread: kvm.ko's own
+ * handling of the exit (including a halted vCPU's wait), with no return
+ * to the VMM in between. */
+RAW_TRACEPOINT_PROBE(kvm_entry)
+{
+	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
+	if (!s || !s->hx_ts)
+		return 0;
+	u64 ns = bpf_ktime_get_ns() - s->hx_ts;
+	s->hx_ts = 0;
+	exit_batch_add(s, &s->hb, EXIT_HW, s->hx_isa, s->hx_reason, 0, ns, 1, 0);
+	/* The device access this exit carried, if kvm.ko served it (kernel,
+	 * ioeventfd, coalesced): the guest is re-entered with no return to
+	 * the VMM, so a pending one is settled in the kernel here, and the
+	 * exit's handling time is its latency, in its own row. */
+	if (s->pending && s->traced) {
+		s->kx_key = s->pend_key;
+		s->kx_valid = 1;
+		settle_in_kernel(s);
+	}
+	if (s->kx_valid) {
+		s->kx_valid = 0;
+		record_latency(s, &s->kx_key, ns);
+	}
+	return 0;
+}
+#endif /* HAVE_KVM_EXIT */
+#else
+#define on_user_exit(s, reason, err) do { } while (0)
+#define flush_exits(s) do { } while (0)
+#endif /* WITH_EXITS */
+
 RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 {
 	struct thread_state *s = thread();
@@ -1164,6 +1433,7 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
 	u32 reason = ctx->args[0];
 	int err = ctx->args[1];
 	on_exit(s, reason, err);
+	on_user_exit(s, reason, err);
 	/* An MMIO/IO exit is handled and the guest goes on: keep batching.
 	 * Any other return (HLT, a signal, a pause, an error) may be the last
 	 * for a while: make the maps complete. */
@@ -1193,6 +1463,12 @@ static __always_inline void on_kvm_run(struct thread_state *s, u32 pid, u32 fd)
 	}
 	s->exit_kind = EXIT_NONE;
 	s->fresh_entry = 1;
+#ifdef WITH_EXITS
+	/* The VMM's round trip for the last KVM_RUN return, by its reason:
+	 * kvm_userspace_exit -> this KVM_RUN call on the same thread. */
+	if (s->ux_ts)
+		user_exit_end(s, 1);
+#endif
 }
 
 static __always_inline void bump_reg_gen(void)
@@ -1321,16 +1597,16 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	    cmd != KVM_SET_IOREGION &&
 #endif
 	    cmd != KVM_UNREGISTER_COALESCED_MMIO)
-		return 0;
+		return KEEP_EVENT;
 	struct thread_state *s = thread();
 	if (!s)
-		return 0;
+		return KEEP_EVENT;
 	if (cmd == KVM_RUN) {
 		on_kvm_run(s, s->pid, args->fd);
-		return 0;
+		return KEEP_EVENT;
 	}
 	if (!s->watched)
-		return 0;
+		return KEEP_EVENT;
 	u32 pid = s->pid;
 	if (cmd == KVM_CREATE_VM) {
 		struct vm_info *vi = vm_of(pid);
@@ -1358,7 +1634,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		read_user(&a, sizeof(a), (void *)args->arg);
 		apply_zone(s, pid, cmd == KVM_REGISTER_COALESCED_MMIO, &a);
 	}
-	return 0;
+	return KEEP_EVENT;
 }
 
 /* ---- QEMU memory-map mirror ---------------------------------------------
@@ -1461,35 +1737,35 @@ int qemu_flatview_section(void *ctx)
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
 	if (args->off != 0 || (long)args->fd < 0)
-		return 0;
+		return KEEP_EVENT;
 	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
 	if (!s)
-		return 0;
+		return KEEP_EVENT;
 	u64 size = cfg(CFG_VCPU_MMAP_SIZE);
 	if (s->vcpu_created && (!size || args->len == size)) {
 		s->vcpu_created = 0;
 	} else {
 		struct fd_key fk = {.pid = s->pid, .fd = args->fd};
 		if (!vcpu_runs.lookup(&fk))
-			return 0;
+			return KEEP_EVENT;
 	}
 	s->mmap_vcpu = 1;
 	s->mmap_fd = args->fd;
-	return 0;
+	return KEEP_EVENT;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
 	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
 	if (!s || !s->mmap_vcpu)
-		return 0;
+		return KEEP_EVENT;
 	s->mmap_vcpu = 0;
 	if (args->ret < 0 && args->ret > -4096)
-		return 0;
+		return KEEP_EVENT;
 	struct fd_key fk = {.pid = s->pid, .fd = s->mmap_fd};
 	u64 addr = args->ret;
 	vcpu_runs.update(&fk, &addr);
-	return 0;
+	return KEEP_EVENT;
 }
 
 /* With -p or -- CMD, children of traced processes are traced too (a VMM
@@ -1498,14 +1774,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
 	if (cfg(CFG_MODE) != MODE_TARGETS)
-		return 0;
+		return KEEP_EVENT;
 	u32 parent = bpf_get_current_pid_tgid() >> 32;
 	if (!targets.lookup(&parent))
-		return 0;
+		return KEEP_EVENT;
 	u32 child = args->child_pid;
 	u8 one = 1;
 	targets.update(&child, &one);
-	return 0;
+	return KEEP_EVENT;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
@@ -1515,17 +1791,18 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	struct thread_state *s = thread_find(tid);
 	if (s) {
 		flush_batches(s);
+		flush_exits(s);
 		/* A slot is free for the next thread (task storage, whose tid
 		 * is 0, goes with this one). */
 		s->tid = 0;
 	}
 	if (tid != tgid) {
 		targets.delete(&tid);
-		return 0;
+		return KEEP_EVENT;
 	}
 	/* The group leader: the VMM process is going away. */
 	struct vm_info *vi = vms.lookup(&tgid);
 	if (vi && !vi->exited_ns)
 		vi->exited_ns = bpf_ktime_get_ns();
-	return 0;
+	return KEEP_EVENT;
 }

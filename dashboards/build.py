@@ -62,6 +62,21 @@ PANELS = [
     panel(7, "Lost events and dropped keys", "timeseries", (16, 22, 8, 8),
           [target(f"sum(increase(ioregtrace_lost_events_total[{RATE}]))", "lost", "A"),
            target(f"sum(increase(ioregtrace_dropped_keys_total[{RATE}]))", "dropped", "B")]),
+    # The exits row: every exit by reason (hardware exits only where the KVM
+    # backend emits kvm:kvm_exit), and what handling them costs.
+    panel(8, "VM exits/s by reason (top 10)", "timeseries", (0, 30, 12, 8),
+          [target('topk(10, sum by (vm, kind, reason) (rate(ioregtrace_exits_total'
+                  f'{{vm=~"$vm"}}[{RATE}])))', "{{vm}} {{kind}} {{reason}}")], unit="ops",
+          description="hardware: kvm:kvm_exit by VMX basic reason / SVM exit code (absent "
+                      "where the backend does not emit it, e.g. PVM); userspace: returns "
+                      "from KVM_RUN by kvm_run.exit_reason."),
+    panel(9, "Exit handling time p50 / p99 by reason", "timeseries", (12, 30, 12, 8),
+          [target(f"histogram_quantile({q}, sum by (le, vm, kind, reason) (rate("
+                  f'ioregtrace_exit_handling_seconds_bucket{{vm=~"$vm"}}[{RATE}])))',
+                  f"p{int(q * 100)} {{{{vm}}}} {{{{kind}}}} {{{{reason}}}}", ref)
+           for q, ref in ((0.5, "A"), (0.99, "B"))], unit="s",
+          description="hardware: kvm_exit to the next kvm_entry, exits kvm.ko handled "
+                      "itself; userspace: the VMM's round trip to its next KVM_RUN."),
 ]
 
 

@@ -12,7 +12,7 @@ import os
 import platform
 import zlib
 
-from . import histogram, kvmapi
+from . import exits, histogram, kvmapi
 from .errors import UserError
 from .keys import AccessKey, Op, Path, Space
 from .probes import Events, LatencyStats, RawEvent, RawSnapshot, VmInfo
@@ -31,7 +31,7 @@ MIN_LIMIT = 64 << 20
 CHUNK = 1 << 20
 U64 = (1 << 64) - 1
 SPACES = {str(s): s for s in Space}
-KINDS = ("ioeventfd", "coalesced")
+KINDS = ("ioeventfd", "coalesced", "ioregion")
 
 
 class BundleError(UserError):
@@ -92,6 +92,10 @@ def to_doc(rec, redact=False):
                       for (vm, k), s in snap.latencies.items()],
         "registrations": [[vm, kind, str(space), addr, size]
                           for vm, kind, space, addr, size in snap.registrations],
+        "exits": [[vm, k.kind, k.isa, k.reason, k.err, k.tid, s.count, s.to_user, s.sum_ns,
+                   s.min_ns, s.max_ns, [[i, n] for i, n in enumerate(s.slots) if n]]
+                  for (vm, k), s in snap.exits.items()],
+        "bpf_programs": {name: list(v) for name, v in rec.bpf_programs.items()},
         "events": events,
     }
 
@@ -335,6 +339,15 @@ def from_doc(doc):
             ci.fail("unknown registration kind or space")
         snap.registrations.append((_int(ci, vm, 0, (1 << 32) - 1), kind, SPACES[space],
                                    _int(ci, addr), _int(ci, size, 0, (1 << 32) - 1)))
+    # absent from bundles written before exits were traced, or with --no-exits
+    rows, cr = d.get("exits", []), c.at(".exits")
+    for i, row in enumerate(_list(cr, rows)):
+        snap.exits.update([_exit_from(cr.at(f"[{i}]"), row)])
+    programs = {}
+    cp = c.at(".bpf_programs")
+    for name, v in _dict(cp, d.get("bpf_programs", {})).items():
+        runs, ns = _list(cp, v, 2)
+        programs[_str(cp, name, maxlen=64)] = (_int(cp, runs), _int(cp, ns))
     notes, cn = _field(c, d, "notes")
     host, _ = _field(c, d, "host")
     probes, _ = _field(c, d, "probes")
@@ -343,7 +356,27 @@ def from_doc(doc):
                      host=_host_from(c.at(".host"), host),
                      probes=_probes_from(c.at(".probes"), probes),
                      events=_events_from(c.at(".events"), d.get("events")),
+                     bpf_programs=programs,
                      created=_str(c.at(".created"), d.get("created", ""), maxlen=64))
+
+
+def _exit_from(c, row):
+    """((vm, ExitKey), ExitStats) of one bundled exit row, checked."""
+    vm, kind, isa, reason, err, tid, count, to_user, sum_ns, min_ns, max_ns, pairs = \
+        _list(c, row, 12)
+    if kind not in exits.KIND_NAMES:
+        c.fail("unknown exit kind")
+    slots = [0] * histogram.SLOTS
+    for pair in _list(c, pairs):
+        slot, n = _list(c, pair, 2)
+        slots[_int(c, slot, 0, histogram.SLOTS - 1)] = _int(c, n)
+    stats = exits.ExitStats(_int(c, count), _int(c, to_user), _int(c, sum_ns), _int(c, min_ns),
+                            _int(c, max_ns), slots)
+    if stats.timed + stats.to_user > stats.count or stats.min_ns > stats.max_ns:
+        c.fail("exit counts do not add up")
+    key = exits.ExitKey(kind, _int(c, isa, 0, 255), _int(c, reason, 0, (1 << 32) - 1),
+                        _int(c, err, 0, (1 << 16) - 1), _int(c, tid, 0, (1 << 32) - 1))
+    return (_int(c, vm, 0, (1 << 32) - 1), key), stats
 
 
 def _host_from(c, v):

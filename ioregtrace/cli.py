@@ -74,7 +74,15 @@ def _target_options(f):
 def _render(recording, shape):
     from . import report as report_mod
     from .recording import render
+    from .views import exits as exits_view
     from .views import stat as stat_view
+    if shape.exits:
+        args = dict(per_vcpu=shape.per_vcpu, sort=shape.sort, top=shape.top, vm=shape.vm)
+        if shape.fmt == "json":
+            return json.dumps(exits_view.to_json(recording, **args), indent=1) + "\n"
+        if shape.fmt == "csv":
+            return exits_view.to_csv(recording, **args)
+        return exits_view.table(recording, **args)
     result = report_mod.shape(render(recording, by=shape.by), sort=shape.sort, top=shape.top,
                               vm=shape.vm)
     if shape.fmt == "json":
@@ -86,16 +94,18 @@ def _render(recording, shape):
 
 def _table_options(f):
     """How `stat` and `report` show their rows."""
+    from .exits import SORTS as EXIT_SORTS
     from .report import SORTS
     f = click.option("--vm", metavar="NAME",
                      help="Only this VM's rows (QEMU's -name, else the process name or pid); "
                           "totals are then that VM's.")(f)
     f = click.option("--top", type=click.IntRange(min=1), metavar="N",
                      help="Show the first N rows; totals and candidates still count all.")(f)
-    f = click.option("--sort", type=click.Choice(list(SORTS)), default="count",
-                     show_default=True,
+    f = click.option("--sort", type=click.Choice(list(dict.fromkeys([*SORTS, *EXIT_SORTS]))),
+                     default="count", show_default=True,
                      help="Row order: most accesses, highest userspace latency (p50, p99, "
-                          "max), or by region name, guest address or path.")(f)
+                          "max), or by region name, guest address or path; with --exits: "
+                          "count, time (total), p50, p99, max or reason.")(f)
     f = click.option("--csv", "as_csv", is_flag=True,
                      help="Write CSV rows (a header line, then one line per row).")(f)
     f = click.option("--json", "as_json", is_flag=True,
@@ -103,12 +113,26 @@ def _table_options(f):
     return f
 
 
-def _shape(as_json, as_csv, by, sort, top, vm):
+def _shape(as_json, as_csv, by, sort, top, vm, exits=False, per_vcpu=False):
+    from .exits import SORTS as EXIT_SORTS
+    from .report import SORTS
     from .views.periodic import Shape
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
+    if sort not in (EXIT_SORTS if exits else SORTS):
+        raise click.UsageError(f"--sort {sort} sorts {'accesses' if exits else 'exits'}; "
+                               f"{'with' if exits else 'without'} --exits use one of "
+                               f"{', '.join(EXIT_SORTS if exits else SORTS)}")
     return Shape(fmt="json" if as_json else "csv" if as_csv else "table", by=by, sort=sort,
-                 top=top, vm=vm)
+                 top=top, vm=vm, exits=exits, per_vcpu=per_vcpu)
+
+
+def _exit_options(f):
+    """Exit tracing: on unless --no-exits; --exits shows it."""
+    f = click.option("--no-exits", is_flag=True,
+                     help="Do not trace exits by reason (kvm:kvm_exit/kvm_entry, KVM_RUN "
+                          "returns): the least cost per exit.")(f)
+    return f
 
 
 def check_output(path):
@@ -177,9 +201,14 @@ class _Seconds(click.ParamType):
 @click.option("--per-vcpu", is_flag=True,
               help="A row per vCPU thread too (TID column; JSON and CSV: tid): counts and "
                    "latencies of each vCPU.")
+@click.option("--exits", "show_exits", is_flag=True,
+              help="Show VM exits by reason instead of accesses: every exit kvm.ko reports "
+                   "(kvm:kvm_exit, with its in-kernel handling time) and every return to "
+                   "userspace (by kvm_run.exit_reason, with the VMM's round trip).")
+@_exit_options
 @click.pass_context
 def stat(ctx, every, count, pids, duration, qmp, as_json, as_csv, sort, top, vm, output, by,
-         per_vcpu):
+         per_vcpu, show_exits, no_exits):
     """Count guest device accesses by address and dispatch path.
 
     \b
@@ -209,10 +238,18 @@ def stat(ctx, every, count, pids, duration, qmp, as_json, as_csv, sort, top, vm,
     from .session import Session
     from .views import periodic
 
-    shape = _shape(as_json, as_csv, by, sort, top, vm)
+    if show_exits and no_exits:
+        raise click.UsageError("--exits and --no-exits exclude each other")
+    shape = _shape(as_json, as_csv, by, sort, top, vm, exits=show_exits, per_vcpu=per_vcpu)
     check_output(output)
+    # Exit tables are per thread in the kernel whatever --per-vcpu says:
+    # only the access keys need PER_VCPU.  Without --exits, exits are traced
+    # only where they add to the access rows (their in-kernel time, where
+    # kvm:kvm_exit fires): nothing is compiled that the output cannot show.
+    from .requirements import hardware_virtualization
+    exits = show_exits or (not no_exits and hardware_virtualization() is not None)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
-                      per_vcpu=per_vcpu).start()
+                      per_vcpu=per_vcpu and not show_exits, exits=exits).start()
     try:
         if every is None:
             session.wait()
@@ -274,8 +311,9 @@ class _Series:
               help="Also keep the first N accesses one by one (time, vCPU thread, address, "
                    "size, op, path, userspace latency).")
 @click.option("--redact", is_flag=True, help="Leave out command lines and the host name.")
+@_exit_options
 @click.pass_context
-def record(ctx, pids, duration, qmp, output, events, redact):
+def record(ctx, pids, duration, qmp, output, events, redact, no_exits):
     """Record a bug-report bundle: the same data as `stat`, plus host facts
     (kernel, CPU, BCC, KVM capabilities, probes attached or not and why),
     per-VM facts (QEMU version, command line, the memory maps used for
@@ -292,7 +330,7 @@ def record(ctx, pids, duration, qmp, output, events, redact):
 
     check_output(output)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
-                      events=events).start()
+                      events=events, exits=not no_exits).start()
     try:
         session.wait()
         recording = session.recording()
@@ -329,16 +367,23 @@ def _write_bundle(bundle, output, recording, redact):
 @_by_option
 @click.option("--events", "list_events", is_flag=True,
               help="List the raw access events instead of the table.")
+@click.option("--exits", "show_exits", is_flag=True,
+              help="Show the VM exits by reason instead of accesses (as stat --exits).")
+@click.option("--per-vcpu", is_flag=True, help="With --exits: a row per vCPU thread.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write to FILE instead of stdout.")
-def report(bundle_file, as_json, as_csv, sort, top, vm, by, list_events, output):
+def report(bundle_file, as_json, as_csv, sort, top, vm, by, list_events, show_exits, per_vcpu,
+           output):
     """Render a bundle written by `ioregtrace record`, offline: the same
     tables as `stat`, or its raw events.  Reading a bundle never runs
     anything from it; a damaged or foreign file is one error line."""
     from . import bundle
     from .views import events as events_view
 
-    shape = _shape(as_json, as_csv, by, sort, top, vm)
+    if per_vcpu and not show_exits:
+        raise click.UsageError("--per-vcpu needs --exits here (a bundle's accesses are "
+                               "per VM unless recorded per vCPU)")
+    shape = _shape(as_json, as_csv, by, sort, top, vm, exits=show_exits, per_vcpu=per_vcpu)
     check_output(output)
     recording = bundle.read(bundle_file)
     if list_events:
@@ -360,8 +405,9 @@ def report(bundle_file, as_json, as_csv, sort, top, vm, by, list_events, output)
                    "Width: $COLUMNS, else the terminal's, else 120.")
 @click.option("-n", "--count", type=click.IntRange(min=1), metavar="N",
               help="Stop after N refreshes (N frames with -b); CMD is ended as with q.")
+@_exit_options
 @click.pass_context
-def top(ctx, pids, duration, qmp, interval, batch, count):
+def top(ctx, pids, duration, qmp, interval, batch, count, no_exits):
     """Live view of guest device accesses (also installed as `ioregtop`).
 
     One row per VM x region x path: accesses/s and userspace latency
@@ -392,7 +438,8 @@ def top(ctx, pids, duration, qmp, interval, batch, count):
     print("ioregtop: compiling and attaching the tracer (a few seconds, longer on a busy "
           "machine) ...", file=sys.stderr, flush=True)
     session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=duration, qmp=qmp,
-                      child_stdio=subprocess.DEVNULL, log=lambda msg: None).start()
+                      child_stdio=subprocess.DEVNULL, log=lambda msg: None,
+                      exits=not no_exits).start()
     ended_by_us = False
     try:
         width = shutil.get_terminal_size((120, 24)).columns
@@ -455,8 +502,9 @@ def _listen_address(text):
                    "QEMU has tens of thousands of addresses).")
 @click.option("--grace", type=click.FloatRange(min=0), default=60.0, show_default=True,
               metavar="SECONDS", help="Keep exporting a VM this long after it exits.")
+@_exit_options
 @click.pass_context
-def serve(ctx, pids, duration, qmp, listen, by, max_series, grace):
+def serve(ctx, pids, duration, qmp, listen, by, max_series, grace, no_exits):
     """Serve the counts as Prometheus metrics on /metrics.
 
     \b
@@ -487,7 +535,8 @@ def serve(ctx, pids, duration, qmp, listen, by, max_series, grace):
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     try:
-        session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=None, qmp=qmp).start()
+        session = Session(pids=pids, cmd=ctx.meta["cmd"], duration=None, qmp=qmp,
+                          exits=not no_exits).start()
     except BaseException:
         server.shutdown()
         raise
@@ -559,8 +608,11 @@ def _parse_counts(values):
 @click.option("--pass-log", type=click.Path(dir_okay=False, writable=True),
               help="After each measured pass, append a line: CLOCK_MONOTONIC seconds, "
                    "vCPU thread CPU seconds, accesses so far (make bench reads it).")
+@click.option("--cpuid", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="N", help="Execute CPUID N times first in the measured pass (exits "
+                                "kvm.ko handles itself, with no device access).")
 @click.option("--list", "list_mix", is_flag=True, help="Print the mix and exit.")
-def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, pass_log, list_mix):
+def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, pass_log, cpuid, list_mix):
     """Run the built-in demo VM: a tiny VMM on /dev/kvm whose guest makes a
     known mix of device accesses over every dispatch path.
 
@@ -584,7 +636,8 @@ def demo(truth, scale, sets, delay_us, wait_signal, churn, repeat, pass_log, lis
         return
     try:
         run.run(scale=scale, counts=counts, delay_us=delay_us, wait_signal=wait_signal,
-                churn=churn, repeat=repeat, truth_path=truth, pass_log=pass_log)
+                churn=churn, repeat=repeat, truth_path=truth, pass_log=pass_log,
+                cpuid=cpuid)
     except ValueError as e:
         raise UserError(str(e)) from None
 

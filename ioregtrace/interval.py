@@ -8,7 +8,7 @@ interval's own maximum is only known to lie in the highest histogram slot
 it filled, and its upper bound is what is shown (like p50 and p99, "at
 most")."""
 
-from . import histogram
+from . import exits, histogram
 from .probes import LatencyStats, RawSnapshot
 
 
@@ -40,5 +40,9 @@ def since(prev, cur):
         diff = latency_since(prev.latencies.get(key), stats)
         if diff is not None:
             out.latencies[key] = diff
+    for key, stats in cur.exits.items():
+        diff = exits.since(prev.exits.get(key), stats)
+        if diff is not None:
+            out.exits[key] = diff
     out.counters = {name: n - prev.counters.get(name, 0) for name, n in cur.counters.items()}
     return out

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import exits as exits_mod
 from . import headers, histogram, keys, kvmapi, requirements
 from .errors import UserError
 from .qemu.layout import LayoutHistory
@@ -37,12 +38,14 @@ MAP_SIZES = {
     "REGION_NAME_LEN": 64,
     "LAYOUT_RING_PAGES": 1024,
     "RAW_RING_PAGES": 16384,       # event mode: 64 MiB, ~1.2M events between polls
+    "MAX_EXIT_KEYS": 16384,        # vCPU threads x exit reasons; 2 KiB each, as used
+    "EXIT_FLUSH": 16,              # exits of one key a vCPU batches (a power of two)
 }
 
 # Order of the counters map (CNT_* in the BPF source).
 COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambiguous",
             "unmatched_exits", "dropped_registrations", "dropped_vms", "inferred_exits",
-            "lost_layout", "lost_raw_events")
+            "lost_layout", "lost_raw_events", "dropped_exits")
 
 CFG_MODE, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET, CFG_EVENTS_LEFT = 0, 1, 2, 3, 4
 CFG_STATE_GEN = 5
@@ -56,10 +59,16 @@ REG_KINDS = {1: "ioeventfd", 2: "coalesced", 3: "ioregion"}   # REG_IOEVENTFD, _
 
 
 def compile_flags(have_fast_mmio, events=False, mirror=False, have_ioregion=False,
-                  per_vcpu=False):
+                  per_vcpu=False, exits=False, have_kvm_exit=False):
     """Optional parts are compiled only when used: a third of the compile
-    time, which is most of the time to attach, goes to each."""
+    time, which is most of the time to attach, goes to each.  `exits`:
+    count exits by reason (userspace returns; hardware exits too where the
+    kernel has kvm:kvm_exit/kvm_entry, `have_kvm_exit`)."""
     flags = ["-Wno-ignored-attributes", "-Wno-unused-function"]
+    if exits:
+        flags.append("-DWITH_EXITS")
+        if have_kvm_exit:
+            flags.append("-DHAVE_KVM_EXIT")
     if per_vcpu:
         flags.append("-DPER_VCPU")
     if events:
@@ -110,6 +119,8 @@ class RawSnapshot:
     # Every ioeventfd / coalesced zone registered while tracing, including
     # ones removed since: (vm serial, kind, space, addr, size).
     registrations: list = field(default_factory=list)
+    # (vm serial, exits.ExitKey) -> exits.ExitStats (WITH_EXITS)
+    exits: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -152,7 +163,7 @@ class Tracer:
     first N accesses one by one (event mode).  `per_vcpu`: keys name the
     vCPU thread too (AccessKey.tid), so counts and latencies are per thread."""
 
-    def __init__(self, pids=None, events=None, mirror=False, per_vcpu=False):
+    def __init__(self, pids=None, events=None, mirror=False, per_vcpu=False, exits=True):
         preflight()
         path, _ = headers.find(build=True)
         if path is None:
@@ -164,13 +175,20 @@ class Tracer:
         # ioregionfd exists only in patched kernels (kernel/ in this tree)
         self.have_ioregion = all(requirements.tracepoint_exists("kvm", name)
                                  for name in ("kvm_ioregion_send", "kvm_ioregion_response"))
+        self.exits = exits
+        # Where the CPU has neither VMX nor SVM (PVM), kvm_exit never fires:
+        # its programs would cost compile time (~0.8 s) and nothing else.
+        self.virt = requirements.hardware_virtualization()
+        self.have_kvm_exit = exits and self.virt is not None and all(
+            requirements.tracepoint_exists("kvm", name) for name in ("kvm_exit", "kvm_entry"))
         from bcc import BPF
         try:
             self.bpf = BPF(src_file=BPF_SOURCE.encode(),
                            cflags=compile_flags(self.have_fast_mmio, events=bool(events),
                                                 mirror=mirror,
                                                 have_ioregion=self.have_ioregion,
-                                                per_vcpu=per_vcpu))
+                                                per_vcpu=per_vcpu, exits=exits,
+                                                have_kvm_exit=self.have_kvm_exit))
         except Exception as e:   # BCC raises bare Exception for compile/attach
             raise UserError(f"loading the BPF program failed: {str(e).splitlines()[0]} "
                             "(see `ioregtrace doctor`)") from None
@@ -404,7 +422,23 @@ class Tracer:
             probes.append("kvm:kvm_fast_mmio")
         if self.have_ioregion:
             probes += ["kvm:kvm_ioregion_send", "kvm:kvm_ioregion_response"]
+        if self.have_kvm_exit:
+            probes += ["kvm:kvm_exit", "kvm:kvm_entry"]
         return probes
+
+    def program_stats(self):
+        """{program name: (run_cnt, run_time_ns)} from the kernel's own
+        accounting (non-zero only while kernel.bpf_stats_enabled is 1)."""
+        out = {}
+        for name, fn in self.bpf.funcs.items():
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            out[name.decode()] = (int(fields.get("run_cnt", 0)),
+                                  int(fields.get("run_time_ns", 0)))
+        return out
 
     def snapshot_vms(self):
         """Every VMM process seen, by serial, including ones whose pid has
@@ -444,6 +478,8 @@ class Tracer:
             if t.pending:        # no exit followed it: kvm.ko served it
                 key = self._vm_key(t.pend_key, snap.vms)
                 snap.accesses[key] = snap.accesses.get(key, 0) + t.pend_count
+            if getattr(self, "exits", False):
+                self._add_open_exits(snap, t)
             if t.lat_n:
                 slots = [0] * histogram.SLOTS
                 for i in range(min(t.lat_n, flush)):
@@ -451,6 +487,27 @@ class Tracer:
                 key = self._vm_key(t.lat_key, snap.vms)
                 snap.latencies[key] = merge_latency(
                     snap.latencies.get(key), LatencyStats(t.lat_n, t.lat_sum, t.lat_max, slots))
+
+    def _add_open_exits(self, snap, t):
+        """A thread's exit still open (no kvm_entry yet: a halted vCPU, or
+        the last exit of a VM) and its last KVM_RUN return (the VMM has not
+        called KVM_RUN again): counted, untimed."""
+        for b in (t.hb, t.ub):            # batches not yet in the map
+            if b.n:
+                slots = [0] * histogram.SLOTS
+                for i in range(min(b.timed, MAP_SIZES["EXIT_FLUSH"])):
+                    slots[b.slot[i]] += 1
+                key = (t.vm, exits_mod.ExitKey(b.kind, b.isa, b.reason, b.err, t.tid))
+                snap.exits[key] = exits_mod.merge(snap.exits.get(key), exits_mod.ExitStats(
+                    b.n, b.to_user, b.sum_ns, b.min_ns if b.timed else 0, b.max_ns, slots))
+        opened = []
+        if t.hx_ts:
+            opened.append(exits_mod.ExitKey(exits_mod.HW, t.hx_isa, t.hx_reason, 0, t.tid))
+        if t.ux_ts:
+            opened.append(exits_mod.ExitKey(exits_mod.USER, 0, t.ux_reason, t.ux_err, t.tid))
+        for key in opened:
+            snap.exits[(t.vm, key)] = exits_mod.merge(snap.exits.get((t.vm, key)),
+                                                      exits_mod.ExitStats(1))
 
     def _snapshot(self):
         self.poll()
@@ -464,6 +521,12 @@ class Tracer:
             slots = list(v.slots)[:histogram.SLOTS]
             snap.latencies[self._vm_key(k, snap.vms)] = LatencyStats(
                 sum(slots), v.sum_ns, v.max_ns, slots)
+        if getattr(self, "exits", False):      # tests build Tracers without __init__
+            for k, v in _items(self.bpf[b"exits"]):
+                key = exits_mod.ExitKey(k.kind, k.isa, k.reason, k.err, k.tid)
+                snap.exits[(k.vm, key)] = exits_mod.ExitStats(
+                    v.count, v.to_user, v.sum_ns, v.min_ns, v.max_ns,
+                    list(v.slots)[:histogram.SLOTS])
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf[b"counters"][ctypes.c_int(i)])
         for k in self.bpf[b"reg_history"].keys():

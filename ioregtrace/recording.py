@@ -33,6 +33,8 @@ class Recording:
     host: dict = field(default_factory=dict)      # bundles only
     probes: dict = field(default_factory=dict)    # bundles only
     events: Optional[Events] = None
+    # {program: (run_cnt, run_time_ns)} while kernel.bpf_stats_enabled is 1
+    bpf_programs: dict = field(default_factory=dict)
     created: str = ""
 
 

@@ -53,14 +53,16 @@ def process_exe(pid):
 
 class Session:
     def __init__(self, pids=(), cmd=(), duration=None, qmp=None, events=None, log=None,
-                 child_stdio=None, per_vcpu=False):
+                 child_stdio=None, per_vcpu=False, exits=True):
         """events: event mode, the first N accesses one by one (record).
         per_vcpu: count and time per vCPU thread (stat --per-vcpu).
+        exits: count exits by reason too (off: --no-exits).
         child_stdio: where CMD's stdin/stdout/stderr go (None: ours; a
         full-screen view passes DEVNULL)."""
         self.pids = list(pids)
         self.events = events
         self.per_vcpu = per_vcpu
+        self.exits = exits
         self.child_stdio = child_stdio
         self.cmd = list(cmd)
         self.duration = duration
@@ -122,7 +124,8 @@ class Session:
         if self.events is not None and self.events <= 0:
             raise UserError("--events must be > 0")
         self.tracer = Tracer(pids=initial if filtered else None, events=self.events,
-                             mirror=self._qemu_foreseen(filtered), per_vcpu=self.per_vcpu)
+                             mirror=self._qemu_foreseen(filtered), per_vcpu=self.per_vcpu,
+                             exits=self.exits)
         try:
             self._start_targets(filtered)
         except BaseException:
@@ -278,8 +281,9 @@ class Session:
         events = self.tracer.raw_events() if self.tracer.events is not None else None
         if events is not None:
             events.lost = snapshot.counters.get("lost_raw_events", 0)
+        programs = {name: v for name, v in self.tracer.program_stats().items() if v[0]}
         return Recording(snapshot=snapshot, duration_s=self.elapsed, vms=vms, notes=notes,
-                         events=events, probes=self.probe_facts())
+                         events=events, probes=self.probe_facts(), bpf_programs=programs)
 
     def vms_alive(self):
         """How many traced VMM processes are running now."""
@@ -292,6 +296,13 @@ class Session:
         unavailable = {}
         if not self.tracer.have_fast_mmio:
             unavailable["kvm:kvm_fast_mmio"] = "absent from this kernel (VMX fast path only)"
+        if not self.tracer.exits:
+            unavailable["kvm:kvm_exit"] = "not attached (--no-exits)"
+        elif self.tracer.virt is None:
+            unavailable["kvm:kvm_exit"] = ("not attached: the CPU has neither VMX nor SVM, so "
+                                           "KVM here (e.g. PVM) never emits it")
+        elif not self.tracer.have_kvm_exit:
+            unavailable["kvm:kvm_exit"] = "absent from this kernel"
         if not self.tracer.have_ioregion:
             for name in ("kvm:kvm_ioregion_send", "kvm:kvm_ioregion_response"):
                 unavailable[name] = ("absent from this kernel (ioregionfd is not upstream; "

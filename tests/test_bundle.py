@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ioregtrace import bundle, histogram
+from ioregtrace import bundle, exits, histogram
 from ioregtrace.keys import AccessKey, Op, Path, Space
 from ioregtrace.probes import Events, LatencyStats, RawEvent, RawSnapshot, VmInfo
 from ioregtrace.qemu.layout import LayoutHistory
@@ -19,6 +19,7 @@ from ioregtrace.qemu.ops import RegionOps
 from ioregtrace.recording import Recording, VmFacts, render
 from ioregtrace.views import stat as stat_view
 from ioregtrace.views import events as events_view
+from ioregtrace.views import exits as exits_view
 
 
 def latency(samples):
@@ -37,7 +38,16 @@ def sample_recording():
     k3 = AccessKey(200, Space.PIO, 0x70, 1, Op.WRITE, Path.UNATTRIBUTED, 0)
     snap.accesses = {(1, k1): 10, (1, k2): 7, (2, k3): 4}
     snap.latencies = {(1, k1): latency([5000] * 9 + [90000]), (1, k2): latency([7000] * 7)}
-    snap.registrations = [(2, "coalesced", Space.PIO, 0x70, 1)]
+    # an ioregion too: a bundle recorded on an ioregionfd kernel was refused
+    snap.registrations = [(2, "coalesced", Space.PIO, 0x70, 1),
+                          (2, "ioregion", Space.MMIO, 0x10004000, 0x1000)]
+    hw = latency([20000] * 3 + [40000])
+    snap.exits = {
+        (1, exits.ExitKey(exits.HW, 2, 0x7B, 0, 101)): exits.ExitStats(
+            6, 2, hw.sum_ns, 20000, 40000, hw.slots),
+        (1, exits.ExitKey(exits.USER, 0, 2, 0, 101)): exits.ExitStats(
+            2, 0, 90000, 40000, 50000, latency([40000, 50000]).slots),
+        (2, exits.ExitKey(exits.USER, 0, 10, 4, 201)): exits.ExitStats(1)}
     h = LayoutHistory()
     h.add_section(1, Space.MMIO, 0xA, 0x1000, 0x1000, "testdev", 0, 0x100)
     h.add_section(3, Space.MMIO, 0xC, 0x1000, 0x1000, "edu", 0, 0x300)
@@ -55,12 +65,16 @@ def sample_recording():
                                      history=h, region_ops=ops)},
                      notes=["a note from the session"], host={"hostname": "h1", "kernel": "6.18"},
                      probes={"attached": ["kvm:kvm_mmio"], "unavailable": {}},
-                     events=events, created="2026-11-25T00:00:00Z")
+                     events=events, created="2026-11-25T00:00:00Z",
+                     bpf_programs={"tracepoint__kvm__kvm_exit": (6, 6000),
+                                   "raw_tracepoint__kvm_entry": (4, 2000)})
 
 
 def rendered(rec, by="auto"):
     rep = render(rec, by=by)
-    return json.dumps(stat_view.to_json(rep), sort_keys=True), stat_view.table(rep)
+    return (json.dumps(stat_view.to_json(rep), sort_keys=True), stat_view.table(rep),
+            json.dumps(exits_view.to_json(rec, per_vcpu=True), sort_keys=True),
+            exits_view.table(rec), exits_view.to_csv(rec))
 
 
 @pytest.mark.parametrize("by", ["auto", "address", "region"])
@@ -221,8 +235,9 @@ def test_text_from_a_bundle_cannot_drive_the_terminal(tmp_path):
     path = tmp_path / "b.bundle"
     bundle.write(path, rec)
     back = bundle.read(path)
-    json_text, table = rendered(back)
-    for text in (table, "\n".join(back.notes), back.vms[1].name):
+    json_text, table, _, exits_table, _ = rendered(back)
+    assert "evil" in exits_table                 # the VM's name, in the exits table too
+    for text in (table, exits_table, "\n".join(back.notes), back.vms[1].name):
         assert not any(ord(ch) < 0x20 and ch != "\n" or 0x7f <= ord(ch) < 0xa0
                        for ch in text), repr(text)
     assert "evil\\x1b[2J" in back.vms[1].name

@@ -30,7 +30,8 @@ class FakeSession:
 
     def recording(self, live=False):
         snap = RawSnapshot(taken=0.0, vms=dict(self.vms), accesses=dict(self.accesses),
-                           latencies=dict(self.latencies), counters=dict(self.counters))
+                           latencies=dict(self.latencies), counters=dict(self.counters),
+                           exits=dict(getattr(self, "exits", {})))
         return Recording(snapshot=snap, duration_s=1.0)
 
 
@@ -250,3 +251,47 @@ def test_dashboard_never_merges_two_vms_regions():
     assert by_region, exprs
     for g in by_region:
         assert "vm" in [x.strip() for x in g.split(",")], g
+
+
+def test_exits_by_reason_per_vm_with_their_handling_time():
+    """ioregtrace_exits_total{vm,pid,kind,isa,reason} sums the vCPUs of a VM
+    (bounded labels); the histogram holds only the timed exits; a restart
+    under the same name continues the counter."""
+    from ioregtrace import exits
+    sess = FakeSession()
+    sess.vms = {1: VmInfo(10, 1, True, "vm1")}
+
+    def hw(times, untimed=0):
+        slots = [0] * histogram.SLOTS
+        for ns in times:
+            slots[histogram.slot_of(ns)] += 1
+        return exits.ExitStats(len(times) + untimed, untimed, sum(times),
+                               min(times), max(times), slots)
+    sess.exits = {(1, exits.ExitKey(exits.HW, 2, 0x7B, tid=11)): hw([2000] * 3, untimed=2),
+                  (1, exits.ExitKey(exits.HW, 2, 0x7B, tid=12)): hw([5000]),
+                  (1, exits.ExitKey(exits.USER, 0, 2, tid=11)): hw([80000] * 2)}
+    exp = exporter.Exporter(sess)
+    out = scrape(exp)
+    labels = (("isa", "svm"), ("kind", "hardware"), ("pid", ""), ("reason", "IOIO"),
+              ("vm", "vm1"))
+    assert out[("ioregtrace_exits_total", labels)] == 6
+    assert out[("ioregtrace_exit_handling_seconds_count", labels)] == 4
+    assert out[("ioregtrace_exit_handling_seconds_sum", labels)] == 11000 / 1e9
+    bucket = lambda le: ("ioregtrace_exit_handling_seconds_bucket",  # noqa: E731
+                         tuple(sorted(labels + (("le", le),))))
+    assert out[bucket("1.024e-06")] == 0
+    assert out[bucket("2.048e-06")] == 3           # the 2 us ones
+    assert out[bucket("4.096e-06")] == 3
+    assert out[bucket("8.192e-06")] == 4           # and the 5 us one
+    user = (("isa", ""), ("kind", "userspace"), ("pid", ""), ("reason", "IO"), ("vm", "vm1"))
+    assert out[("ioregtrace_exits_total", user)] == 2
+    # the VM exits and another starts under its name: the series goes on
+    import time
+    sess.vms = {1: VmInfo(10, 1, True, "vm1", exited_ns=int(time.monotonic() * 1e9)),
+                2: VmInfo(20, 2, True, "vm1")}
+    sess.exits = dict(sess.exits)
+    sess.exits[(2, exits.ExitKey(exits.HW, 2, 0x7B, tid=21))] = hw([1000])
+    assert scrape(exp)[("ioregtrace_exits_total", labels)] == 7
+    sess.vms = {2: VmInfo(20, 2, True, "vm1")}
+    sess.exits = {(2, exits.ExitKey(exits.HW, 2, 0x7B, tid=21)): hw([1000] * 2)}
+    assert scrape(exp)[("ioregtrace_exits_total", labels)] == 8

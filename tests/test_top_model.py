@@ -255,3 +255,41 @@ def test_the_maps_are_read_into_keys_made_once(monkeypatch):
     assert first.accesses[key] == second.accesses[key] == 1
     assert second.accesses[(1, AccessKey(10, Space.PIO, 0x3C0, 1, Op.WRITE, Path.USERSPACE,
                                          3))] == 2
+
+
+def test_exits_grouping_rows_per_vm_and_reason():
+    """`g` up to exits: a row per VM x exit reason (vCPUs summed), rate and
+    quantiles of the last interval, totals since start; and back again."""
+    from ioregtrace import exits
+
+    def hw(times, tid, reason=0x7B, kind=exits.HW):
+        slots = [0] * histogram.SLOTS
+        for ns in times:
+            slots[histogram.slot_of(ns)] += 1
+        return (1, exits.ExitKey(kind, 2 if kind == exits.HW else 0, reason, tid=tid)), \
+            exits.ExitStats(len(times), 0, sum(times), min(times), max(times), slots)
+
+    m = top.TopModel()
+    rec = recording({FAST: 10}, {}, 1.0)
+    rec.snapshot.exits = dict([hw([2000] * 10, 11), hw([2000] * 5, 12),
+                               hw([90000] * 4, 11, reason=2, kind=exits.USER)])
+    m.refresh(rec, now=1.0)
+    for _ in range(3):
+        m.cycle_group()
+    assert m.group == "exits"
+    rec = recording({FAST: 20}, {}, 3.0)
+    rec.snapshot.exits = dict([hw([2000] * 10 + [30000] * 4, 11), hw([2000] * 5, 12),
+                               hw([90000] * 4, 11, reason=2, kind=exits.USER)])
+    m.refresh(rec, now=3.0)
+    rows = {(r.label, r.path): r for r in m.visible()}
+    ioio = rows[("IOIO", "hardware")]
+    assert ioio.total == 19 and ioio.rate == 4 / 2.0 and ioio.who == "qemu"
+    assert 30.0 <= ioio.p50_us <= 30.0 * 1.125               # only the new exits
+    io = rows[("IO", "userspace")]
+    assert io.total == 4 and io.rate == 0 and io.p50_us is None
+    text = "\n".join(top.lines(m, 100, None, "tracing", keys=False))
+    assert "EXIT REASON" in text and "IOIO" in text and "hardware" in text
+    m.conclude(rec, now=3.0)
+    assert rows != {} and m.visible()[0].rate == 19 / 3.0
+    m.cycle_group()
+    assert m.group == "region" and {r.label for r in m.visible()} == {"mmio@0x1000"}

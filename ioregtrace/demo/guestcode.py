@@ -76,6 +76,12 @@ class GuestCode:
         rel = top - (self.here + 6)
         self._emit(0x0F, 0x85, struct.pack("<i", rel))   # jnz top
 
+    def cpuid(self, leaf=0):
+        """cpuid with EAX = leaf (clobbers EAX, EBX, ECX, EDX: the loop
+        around it must count in another register)."""
+        self.mov_imm(0, leaf)
+        self._emit(0x0F, 0xA2)
+
     def hlt_forever(self):
         top = self.here
         self._emit(0xF4)                      # hlt

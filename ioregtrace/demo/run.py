@@ -20,11 +20,14 @@ def _comm():
 
 def truth_document(vm, elapsed):
     return {"version": JSON_VERSION, "duration_s": elapsed, "lost_events": 0,
-            "dropped_keys": 0, "rows": vm.truth.rows(_comm())}
+            "dropped_keys": 0, "rows": vm.truth.rows(_comm()),
+            # KVM_RUN returns by kvm_run.exit_reason, as the VMM saw them
+            "exits": {str(reason): n for reason, n in sorted(vm.exit_reasons.items())},
+            "cpuid": vm.cpuid}
 
 
 def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False, repeat=1,
-        truth_path=None, pass_log=None, log=None):
+        truth_path=None, pass_log=None, log=None, cpuid=0):
     log = log or (lambda msg: print(f"ioregtrace demo: {msg}", file=sys.stderr, flush=True))
     sync = None
     if wait_signal:
@@ -39,7 +42,7 @@ def run(scale=1.0, counts=None, delay_us=1000, wait_signal=False, churn=False, r
     mix = build_mix(scale, counts)
     passes = open(pass_log, "a", buffering=1) if pass_log else None
     vm = DemoVM(mix, delay_s=delay_us / 1e6, sync=sync, churn=churn, repeat=repeat,
-                pass_log=passes)
+                pass_log=passes, cpuid=cpuid)
     try:
         vm.load_program()
         elapsed = vm.run_guest()

@@ -178,7 +178,8 @@ class Truth:
 
 
 class DemoVM:
-    def __init__(self, mix, delay_s=0.001, sync=None, churn=False, repeat=1, pass_log=None):
+    def __init__(self, mix, delay_s=0.001, sync=None, churn=False, repeat=1, pass_log=None,
+                 cpuid=0):
         """sync: None, or a callable run when the guest reaches the end of
         its warm-up pass (the demo's attach point); the truth is reset there
         so it covers only the measured pass.
@@ -187,7 +188,10 @@ class DemoVM:
         writes there now exit to userspace).
         pass_log: None, or a text file that gets a line at the end of every
         measured pass: the time, the vCPU thread's CPU time, and the
-        accesses made so far (the benchmark's time series)."""
+        accesses made so far (the benchmark's time series).
+        cpuid: the guest executes CPUID this many times at the start of
+        the measured pass (kvm.ko handles each, no device access: a
+        workload of known shape for exit timing)."""
         self.mix = mix
         self.sync = sync
         self.churn = churn
@@ -198,6 +202,10 @@ class DemoVM:
         self.eventfds = {}        # (space, addr, size) -> eventfd for that doorbell
         self.kernel_program = collections.Counter()
         self.exits = 0
+        self.cpuid = cpuid
+        # KVM_RUN returns by kvm_run.exit_reason, counted here (the truth
+        # of `stat --exits`'s userspace table)
+        self.exit_reasons = collections.Counter()
         self.kvm_fd = self.vm_fd = self.vcpu_fd = -1
         self.device = self.ioregion_device = None
         try:
@@ -313,6 +321,9 @@ class DemoVM:
     def _emit_pass(self, code, blocks, record, repeat=1):
         """`repeat` passes over the mix; `record` says whether they are
         measured (the kernel-path truth is what the program did in them)."""
+        if record and self.cpuid:
+            code.loop(self.cpuid, code.cpuid, reg=6)      # ESI: CPUID writes EBX
+
         def one_pass():
             for block in blocks:
                 if block.count:
@@ -434,6 +445,7 @@ class DemoVM:
                 raise UserError(f"demo VMM: KVM_RUN failed: {e.strerror}") from None
             t_exit = time.perf_counter_ns()
             self.exits += 1
+            self.exit_reasons[struct.unpack_from("<I", self.run, kvm.RUN_EXIT_REASON)[0]] += 1
             self._drain_coalesced_ring()
             reason = struct.unpack_from("<I", self.run, kvm.RUN_EXIT_REASON)[0]
             if reason == kvm.KVM_EXIT_MMIO:
@@ -451,6 +463,7 @@ class DemoVM:
                             self.ioregion_device.take_counts()
                         self.truth.reset()
                         self.exits = 0
+                        self.exit_reasons.clear()
                         self.sync()
                         started = time.monotonic()
                         cpu_started = time.thread_time()

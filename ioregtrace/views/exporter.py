@@ -30,7 +30,8 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily)
 
-from .. import __version__, histogram
+from .. import __version__, exitcodes, histogram
+from .. import exits as exits_mod
 from ..keys import Path
 from ..probes import COUNTERS
 from ..recording import naming
@@ -83,6 +84,8 @@ class Exporter:
         self.carried_stats = {}            # label tuple -> their LatencyStats
         self._own = {}                     # serial -> {label suffix: count}, last build
         self._own_stats = {}               # serial -> {label suffix: LatencyStats}
+        self._own_exits = {}               # serial -> {exit label suffix: ExitStats}
+        self.carried_exits = {}            # exit label tuple -> earlier incarnations'
         self._vms = {}                     # serial -> VmInfo, from the last read
         self._last_folded = {}             # folded label tuple -> its last count
         self._families = None
@@ -134,6 +137,9 @@ class Exporter:
         for suffix, st in self._own_stats.pop(serial, {}).items():
             self.carried_stats[ident + suffix] = merge_stats(
                 self.carried_stats.get(ident + suffix), st)
+        for suffix, st in self._own_exits.pop(serial, {}).items():
+            self.carried_exits[ident + suffix] = exits_mod.merge(
+                self.carried_exits.get(ident + suffix), st)
 
     def _expire(self, vms, now):
         for serial, info in vms.items():
@@ -149,8 +155,11 @@ class Exporter:
         ident = self.identities.get(serial)
         self._own.pop(serial, None)
         self._own_stats.pop(serial, None)
+        self._own_exits.pop(serial, None)
         if ident is None:
             return
+        for labels in [k for k in self.carried_exits if k[:2] == ident]:
+            del self.carried_exits[labels]
         for labels in [k for k in self.admitted if k[:2] == ident]:
             del self.admitted[labels]
         for labels in [k for k in self.folded if k[:2] == ident]:
@@ -251,8 +260,47 @@ class Exporter:
         folded = GaugeMetricFamily("ioregtrace_series_folded", "Label sets folded into "
                                    "the 'other' series by --max-series.")
         folded.add_metric([], len(self.folded))
-        return [accesses, latency, direct, lost, dropped, diagnostics, vms, folded,
-                _build_info()]
+        return [accesses, latency, direct, *self._exit_families(snapshot, vm_names), lost, dropped,
+                diagnostics, vms, folded, _build_info()]
+
+    def _exit_families(self, snapshot, vm_names):
+        """ioregtrace_exits_total and ioregtrace_exit_handling_seconds: per
+        VM, kind and reason (not per vCPU: bounded by the reason tables)."""
+        own = collections.defaultdict(dict)
+        for serial in sorted({serial for serial, _ in snapshot.exits}):
+            info = self._vms.get(serial)
+            if serial not in self.dropped_vms:
+                self._identity(serial, info.pid if info else 0,
+                               vm_names.get(serial) or (info.comm if info else "?"))
+        for (serial, key), st in snapshot.exits.items():
+            if serial in self.dropped_vms:
+                continue
+            suffix = (exits_mod.KIND_NAMES[key.kind],
+                      exitcodes.ISA_NAMES.get(key.isa, "") if key.kind == exits_mod.HW
+                      else "", key.name)
+            own[serial][suffix] = exits_mod.merge(own[serial].get(suffix), st)
+        self._own_exits = dict(own)
+        merged = dict(self.carried_exits)
+        for serial, suffixes in self._own_exits.items():
+            ident = self.identities[serial]
+            for suffix, st in suffixes.items():
+                merged[ident + suffix] = exits_mod.merge(merged.get(ident + suffix), st)
+        names = ["vm", "pid", "kind", "isa", "reason"]
+        total = CounterMetricFamily(
+            "ioregtrace_exits", "VM exits by reason: kind hardware (kvm:kvm_exit, where "
+            "the KVM backend emits it; VMX basic reason or SVM exit code) or userspace "
+            "(returns from KVM_RUN, by kvm_run.exit_reason).", labels=names)
+        timing = HistogramMetricFamily(
+            "ioregtrace_exit_handling_seconds", "hardware: kvm_exit to the next kvm_entry "
+            "on the vCPU, for exits kvm.ko handled without returning to the VMM; "
+            "userspace: the VMM's round trip, KVM_RUN's return to its next KVM_RUN.",
+            labels=names)
+        for labels in sorted(merged):
+            st = merged[labels]
+            total.add_metric(list(labels), st.count)
+            if st.timed:
+                timing.add_metric(list(labels), histogram_buckets(st.slots), st.sum_ns / 1e9)
+        return total, timing
 
     def _cap(self, counts):
         """(admitted series, {path: other count}) under --max-series."""

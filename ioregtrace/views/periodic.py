@@ -13,6 +13,7 @@ import time
 from .. import interval as interval_mod
 from .. import report as report_mod
 from ..recording import render
+from . import exits as exits_view
 from . import stat as stat_view
 
 
@@ -24,11 +25,15 @@ class Shape:
     sort: str = "count"
     top: int = None
     vm: str = None
+    exits: bool = False           # stat --exits: exit tables instead of accesses
+    per_vcpu: bool = False
 
 
 def interval_text(recording, shape, number, end_s, first):
     """One interval's output.  `recording` holds that interval's snapshot
     and length; end_s is its end in seconds since the start."""
+    if shape.exits:
+        return _exits_interval(recording, shape, number, end_s, first)
     rep = report_mod.shape(render(recording, by=shape.by), sort=shape.sort, top=shape.top,
                            vm=shape.vm)
     if shape.fmt == "json":
@@ -40,6 +45,19 @@ def interval_text(recording, shape, number, end_s, first):
     stamp = time.strftime("%H:%M:%S")
     return (f"{stamp}  interval {number}: {recording.duration_s:.2f} s\n"
             + stat_view.table(rep, brief=True) + "\n")
+
+
+def _exits_interval(recording, shape, number, end_s, first):
+    args = dict(per_vcpu=shape.per_vcpu, sort=shape.sort, top=shape.top, vm=shape.vm)
+    if shape.fmt == "json":
+        doc = exits_view.to_json(recording, **args)
+        doc.update(interval=number, time_s=round(end_s, 6))
+        return json.dumps(doc, separators=(",", ":")) + "\n"
+    if shape.fmt == "csv":
+        return exits_view.to_csv(recording, time_s=end_s, header=first, **args)
+    stamp = time.strftime("%H:%M:%S")
+    return (f"{stamp}  interval {number}: {recording.duration_s:.2f} s\n"
+            + exits_view.table(recording, brief=True, **args) + "\n")
 
 
 def run(session, every_s, count, shape, emit):
@@ -67,6 +85,7 @@ def run(session, every_s, count, shape, emit):
             # An interval cut short by the end is printed only if something
             # happened in it: a Ctrl-C right after a tick adds no empty table.
             if not final or number == 1 or recording.snapshot.accesses or \
+                    recording.snapshot.exits or \
                     now - last_end >= every_s:
                 emit(interval_text(recording, shape, number, now - start, first=number == 1))
             if final:

@@ -9,6 +9,8 @@ from .. import candidates
 from ..keys import Path
 
 JSON_VERSION = 1
+# Paths whose latency, where kvm:kvm_exit fires, is the exit's in-kernel handling
+IN_KERNEL = (Path.KERNEL, Path.IOEVENTFD, Path.COALESCED, Path.UNATTRIBUTED)
 
 
 def _us(value):
@@ -71,6 +73,9 @@ def table(report, brief=False):
     lines.append("Latency: userspace exit to next KVM_RUN on the same thread (ioregionfd: "
                  "command sent to response received); p50/p99 are upper bounds within "
                  "12.5 %.")
+    if any(r.stats is not None and r.key.path in IN_KERNEL for r in report.rows):
+        lines.append("Latency of kernel, ioeventfd and coalesced rows: the in-kernel "
+                     "handling of the exit that carried the access (kvm_exit -> kvm_entry).")
     if show_calls:
         lines.append("CALLS: how many times QEMU called the region's handler for these "
                      "accesses (it splits accesses wider than the handler implements and "

@@ -15,6 +15,8 @@ import os
 import platform
 import time
 
+from .. import exits as exits_mod
+from .. import histogram
 from ..keys import Path, Space
 from ..interval import latency_since
 from ..recording import naming
@@ -22,20 +24,22 @@ from ..regions import FallbackNamer
 from ..report import latency_of, merge_stats, region_of
 
 SORTS = ("rate", "total", "p99", "name")
-GROUPS = ("region", "address", "path")
+GROUPS = ("region", "address", "path", "exits")
 HELP = (
     "ioregtop keys",
     "",
     "  q      quit",
     "  s      sort by the next column: rate, total, p99, name",
-    "  g      group rows by region, address, or path only",
+    "  g      group rows by region, address, path only, or exits by reason",
     "  p      show one VM's pid only (empty: all, Esc: cancel)",
     "  space  pause / resume",
     "  h      this help (any key closes it)",
     "",
     "Rows: one per VM x region x path.  RATE/s and P50/P99 (userspace and",
     "ioregionfd round trips, microseconds, upper bounds) are for the last interval;",
-    "TOTAL and % since start.",
+    "TOTAL and % since start.  Grouped by exits: a row per VM x exit reason,",
+    "PATH hardware (kvm:kvm_exit; P50/P99: in-kernel handling) or userspace",
+    "(KVM_RUN returns; P50/P99: the VMM's round trip).",
 )
 
 
@@ -204,6 +208,9 @@ class TopModel:
         self._who = {}                # vm -> (pid, name shown)
         self._vm_rows = collections.Counter()   # vm -> its rows
         self._visible = None          # the sorted rows, until something changes
+        self._exits = {}              # (vm, ExitKey) -> ExitStats at the last refresh
+        self._exit_rows = []          # TopRows of the exits grouping
+        self.exit_total = 0
 
     @property
     def rows(self):
@@ -242,6 +249,35 @@ class TopModel:
         self.lost = c.get("lost_events", 0) + c.get("lost_raw_events", 0)
         self.dropped = c.get("dropped_accesses", 0)
         self.vms = vms_alive if vms_alive is not None else len(cur.vms)
+        self._refresh_exits(cur.exits)
+
+    def _refresh_exits(self, cur, whole_session=None):
+        """The exits grouping's rows: per VM, kind and reason (vCPUs summed),
+        rate and quantiles of the last interval (or, `whole_session`
+        seconds, of everything)."""
+        totals, moved = {}, {}
+        for (vm, key), st in cur.items():
+            group = (vm, dataclasses.replace(key, tid=0))
+            totals[group] = exits_mod.merge(totals.get(group), st)
+            d = st if whole_session else exits_mod.since(self._exits.get((vm, key)), st)
+            if d is not None:
+                moved[group] = exits_mod.merge(moved.get(group), d)
+        self._exits = dict(cur)
+        seconds = whole_session or self._interval
+        rows = []
+        for (vm, key), st in totals.items():
+            pid, who = self._who.get(vm, (0, "?"))
+            d = moved.get((vm, key))
+            row = TopRow(pid=pid, who=who, label=key.name, path=exits_mod.KIND_NAMES[key.kind],
+                         ops="", vm=vm, total=st.count,
+                         rate=(d.count if d else 0) / seconds)
+            if d is not None and d.timed:
+                row.p50_us = histogram_us(d, 0.50)
+                row.p99_us = histogram_us(d, 0.99)
+            rows.append(row)
+        self._exit_rows = rows
+        self.exit_total = sum(r.total for r in rows)
+        self._visible = None
 
     def conclude(self, recording, now, vms_alive=None):
         """The final table: a last refresh, then every row's rate and
@@ -260,7 +296,7 @@ class TopModel:
             t.row.p50_us = lat.p50_us if lat else None
             t.row.p99_us = lat.p99_us if lat else None
         self.rate = self.total / duration
-        self._visible = None
+        self._refresh_exits(recording.snapshot.exits, whole_session=duration)
 
     def _follow_vms(self, recording):
         """Who each VM is: its name (from QMP, may come late), else its comm."""
@@ -340,8 +376,9 @@ class TopModel:
 
     def visible(self):
         if self._visible is None or self._visible[0] != (self.sort, self.pid):
-            rows = [t.row for t in self._tallies.values()
-                    if self.pid is None or t.row.pid == self.pid]
+            source = (self._exit_rows if self.group == "exits"
+                      else [t.row for t in self._tallies.values()])
+            rows = [r for r in source if self.pid is None or r.pid == self.pid]
             key = {"rate": lambda r: (-r.rate, -r.total, r.label),
                    "total": lambda r: (-r.total, -r.rate, r.label),
                    "p99": lambda r: (-(r.p99_us or -1), -r.rate, r.label),
@@ -356,6 +393,9 @@ class TopModel:
         """The same counts and last interval, grouped the next way (keys are
         not named again)."""
         self.group = GROUPS[(GROUPS.index(self.group) + 1) % len(GROUPS)]
+        self._visible = None
+        if self.group == "exits":           # its rows are kept at every refresh
+            return
         self._tallies, self._where, self._live = {}, {}, set()
         self._vm_rows.clear()
         for vk, n in self._counts.items():
@@ -393,6 +433,11 @@ def _us(v):
     return "-" if v is None else f"{v:.1f}"
 
 
+def histogram_us(stats, q):
+    ns = histogram.quantile_ns(stats.slots, q, stats.max_ns)
+    return None if ns is None else ns / 1000.0
+
+
 def layout(width):
     """Column widths for a terminal `width` wide: numbers fixed, REGION gets
     what is left; the VM name column only when there is room for both (the
@@ -416,20 +461,20 @@ def lines(model, width, height, status, keys=True):
            f"pid: {'all' if model.pid is None else model.pid}"
            + ("   h help  q quit" if keys else ""), ""]
     who = lambda text: f"{_fit(text, w['who']):<{w['who']}} " if w["who"] else ""  # noqa: E731
-    label = "ADDRESS:SIZES" if model.group == "address" else "REGION"
+    label = {"address": "ADDRESS:SIZES", "exits": "EXIT REASON"}.get(model.group, "REGION")
     header = (f"{'PID':>6} {who('VM')}{_fit(label, w['label']):<{w['label']}} "
               f"{'PATH':<{PATH_WIDTH}} "
               f"{'OP':<2} " + " ".join(f"{name:>{n}}" for name, n in NUMERIC))
     out.append(header)
     rows = model.visible()
-    grand = model.total or 1
+    grand = (model.exit_total if model.group == "exits" else model.total) or 1
     for r in rows if height is None else rows[:max(0, height - len(out) - 1)]:
         out.append(f"{r.pid:>6} {who(r.who)}{_fit(r.label, w['label'], r.keep):<{w['label']}} "
                    f"{r.path:<{PATH_WIDTH}} {r.ops:<2} {r.rate:>8.1f} {r.total:>9} "
                    f"{100.0 * r.total / grand:>5.1f} {_us(r.p50_us):>7} {_us(r.p99_us):>7}")
     if not rows:
-        out.append("(no guest device accesses yet)" if model.pid is None
-                   else f"(no rows for pid {model.pid})")
+        none = "(no exits yet)" if model.group == "exits" else "(no guest device accesses yet)"
+        out.append(none if model.pid is None else f"(no rows for pid {model.pid})")
     return [line[:max(0, width - 1)] for line in (out if height is None else out[:height])]
 
 
