@@ -44,8 +44,9 @@ def test_ratios_per_repeat_and_the_savings():
     assert f["ratios"]["ioregionfd"][16] == {"median": 2.0, "min": 2.0, "max": 2.0}
     assert f["ratios"]["ioeventfd"][16] == {"median": 1.25, "min": 1.0, "max": 1.5}
     assert f["predicted_saving_ms"] == 1200.0           # the NVMe candidate only
-    stock_s = sum(nvme.BENCH_READS[1] / i for i in (400, 500, 450)) + 3 * 4000 / 2000
-    fd_s = sum(nvme.BENCH_READS[1] / i for i in (800, 500, 900)) + 3 * 4000 / 4000
+    reads = nvme.BENCH_READS
+    stock_s = sum(reads[1] / i for i in (400, 500, 450)) + 3 * reads[16] / 2000
+    fd_s = sum(reads[1] / i for i in (800, 500, 900)) + 3 * reads[16] / 4000
     assert f["measured_saving_ms"] == pytest.approx((stock_s - fd_s) * 1000, abs=5)
     assert f["paths"]["ioregionfd"] == [("nvme", "ioregionfd")]
     text = nvme.report(f)
