@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "kernel"))
 
 import vm  # noqa: E402  (kernel/vm.py: the cache and the cpio writer)
 
-from workloads import WORKLOADS  # noqa: E402
+from workloads import BY_NAME  # noqa: E402
 
 BEGIN, END = "E2E-BEGIN", "E2E-END"
 
@@ -43,7 +43,7 @@ def initramfs():
         busybox = f.read()
     with open(os.path.join(HERE, "ioload.c"), "rb") as f:
         source = f.read()
-    scripts = {w.name: w.script.encode() for w in WORKLOADS}
+    scripts = {w.name: w.script.encode() for w in BY_NAME.values()}
 
     def entries():
         with tempfile.TemporaryDirectory() as tmp:
