@@ -114,6 +114,12 @@ def expected_paths(stat, pairs):
             if (region, path) not in seen]
 
 
+def forbidden_paths(stat, pairs):
+    seen = {(r["region"], r["path"]) for r in stat["rows"]}
+    return [f"{path} accesses to {region}, which should have none" for region, path in pairs
+            if (region, path) in seen]
+
+
 def nothing_dropped(stat):
     d = stat["diagnostics"]
     return [f"{name}: {d[name]}" for name in MUST_BE_ZERO if d.get(name)]
@@ -157,6 +163,7 @@ def problems(workload, run, stat):
     out += [f"the test VM's kernel complained: {line}"
             for line in run.get("kernel_complaints", [])]
     out += expected_paths(stat, workload.expect_paths)
+    out += forbidden_paths(stat, workload.forbid_paths)
     out += nothing_dropped(stat)
     if workload.candidate:
         out += candidate_first(stat, workload.candidate)

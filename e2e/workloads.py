@@ -34,6 +34,7 @@ class Workload:
     accel: str = "kvm"          # -accel's argument
     reboot: bool = False        # the guest reboots once (no -no-reboot)
     console_checks: list = field(default_factory=list)  # E2E-CHECK lines it must print
+    forbid_paths: list = field(default_factory=list)    # (region, path) it must not show
     disk_mb: int = DISK_MB
 
 
@@ -126,11 +127,12 @@ WORKLOADS = [
     # (e2e/NOTES.md) comes with interrupts: the more I/O, the likelier.
     Workload("nvme-ioregionfd", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
              expect_paths=IN_KERNEL + [("nvme", "ioregionfd")], qemu="built", reboot=True,
-             console_checks=INTEGRITY_CHECKS, disk_mb=4, in_make_test=True),
+             console_checks=INTEGRITY_CHECKS, disk_mb=4,
+             forbid_paths=[("nvme", "userspace")]),
     Workload("nvme-ioregionfd-fallback", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
              expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
              accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
-             disk_mb=4, in_make_test=True),
+             disk_mb=4, forbid_paths=[("nvme", "ioregionfd")]),
     Workload("vga", ["-vga", "std"],
              "i=0\nwhile [ $i -lt 300 ]; do\n"
              "  echo \"ioregtrace e2e: line $i of text on the VGA console\" > /dev/tty1\n"

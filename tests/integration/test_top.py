@@ -94,12 +94,18 @@ def test_ioregtop_rows_and_keys(top):
     text = wait_screen(lambda t: "mmio@0x10001000" not in data_rows(t)[0])
     assert data_rows(text)[0] != p99_first
 
-    # g: group by address, then by path only.
+    # g: group by address, then by path only, then exits by reason.
     tmux("send-keys", "-t", SESSION, "g")
     wait_screen(lambda t: "group: address" in t)
     tmux("send-keys", "-t", SESSION, "g")
     text = wait_screen(lambda t: "group: path" in t and data_rows(t))
     assert all(line.split()[1] == "-" for line in data_rows(text))
+    tmux("send-keys", "-t", SESSION, "g")
+    # The demo's forwarded MMIO and its port I/O return to the VMM: on any
+    # host the userspace exits by kvm_run.exit_reason are there.
+    exits = wait_screen(lambda t: "group: exits" in t and data_rows(t)
+                        and {"MMIO", "IO"} <= {line.split()[1] for line in data_rows(t)})
+    assert "EXIT REASON" in exits
     tmux("send-keys", "-t", SESSION, "g")
     wait_screen(lambda t: "group: region" in t)
 
