@@ -3,6 +3,7 @@ says so and the counts still print."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -158,6 +159,10 @@ def test_sigterm_to_ioregtrace_quits_a_wrapped_qemu(tracing_host, tmp_path):
     deadline = time.monotonic() + 15
     while os.path.exists(f"/proc/{qemu_pid}") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{qemu_pid}"), "QEMU outlived ioregtrace"
+    survived = os.path.exists(f"/proc/{qemu_pid}")
+    if survived:
+        # a VM left running would be traced by every later test
+        os.kill(qemu_pid, signal.SIGKILL)
+    assert not survived, "QEMU outlived ioregtrace"
     doc = load_json(out)
     assert any(r["region"] == "pci-testdev-mmio" for r in doc["rows"]), doc["rows"][:5]
