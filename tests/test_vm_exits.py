@@ -267,8 +267,15 @@ def test_handling_time_agrees_with_perf_kvm_stat(share, name, code, count):
     # the bucket holding the true median, [p50 / 1.125, p50], holds perf's
     # (both tools' timestamps differ by their own cost: 3 % either way)
     assert p50 / 1.125 * 0.97 <= perf_median <= p50 * 1.03, (p50, perf_median)
-    # the exact mean over the same exits
-    assert row["time_us"]["avg"] == pytest.approx(perf_avg, rel=0.10), (row, perf_avg)
+    # The exact mean over the same exits.  With both tools attached, each
+    # one's interval holds part of the other's cost, and ioregtrace's holds
+    # up to its own two programs' run time: that time, measured by the
+    # kernel in this same run, bounds the difference (a 10 % bound failed
+    # once at 11 %: 24.6 against 22.2 us, ~2.3 us of BPF per exit).
+    bpf_us = doc.get("bpf_ns_per_exit", 0) / 1000.0
+    assert bpf_us > 0, doc.get("bpf_programs")
+    assert abs(row["time_us"]["avg"] - perf_avg) <= 0.05 * perf_avg + bpf_us, \
+        (row, perf_avg, bpf_us)
 
 
 def test_bpf_time_per_exit_is_reported(share):
