@@ -264,16 +264,17 @@ def test_handling_time_agrees_with_perf_kvm_stat(share, name, code, count):
     # acceptance 2: the median agrees with perf kvm stat's average within
     # the histogram's bucket error (12.5 %)
     assert abs(p50 - perf_avg) <= 0.125 * perf_avg, (p50, perf_avg)
-    # the bucket holding the true median, [p50 / 1.125, p50], holds perf's
-    # (both tools' timestamps differ by their own cost: 3 % either way)
-    assert p50 / 1.125 * 0.97 <= perf_median <= p50 * 1.03, (p50, perf_median)
-    # The exact mean over the same exits.  With both tools attached, each
-    # one's interval holds part of the other's cost, and ioregtrace's holds
-    # up to its own two programs' run time: that time, measured by the
-    # kernel in this same run, bounds the difference (a 10 % bound failed
-    # once at 11 %: 24.6 against 22.2 us, ~2.3 us of BPF per exit).
+    # With both tools attached, each one's interval holds part of the
+    # other's cost, and ioregtrace's holds up to its own two programs' run
+    # time: that time, measured by the kernel in this same run, is the
+    # offset allowed below (fixed margins failed at ~11 % under TCG, where
+    # the programs take ~2.3 us of a ~22 us exit).
     bpf_us = doc.get("bpf_ns_per_exit", 0) / 1000.0
     assert bpf_us > 0, doc.get("bpf_programs")
+    # the bucket holding the true median, [p50 / 1.125, p50], holds perf's
+    assert p50 / 1.125 * 0.97 - bpf_us <= perf_median <= p50 * 1.03, \
+        (p50, perf_median, bpf_us)
+    # the exact mean over the same exits
     assert abs(row["time_us"]["avg"] - perf_avg) <= 0.05 * perf_avg + bpf_us, \
         (row, perf_avg, bpf_us)
 
