@@ -46,20 +46,42 @@ IT={ioregtrace}
 echo 1 > /proc/sys/kernel/bpf_stats_enabled
 traced() {{
     name=$1; shift
-    timeout 600 $IT record -o $out/$name.bundle -- \
+    timeout ${{LIMIT_S:-600}} $IT record -o $out/$name.bundle -- \
         perf kvm stat record -o $out/$name.perf -- "$@" > $out/$name.log 2>&1
     echo $? > $out/$name.rc
 }}
 traced mix $IT demo --truth $out/mix.truth.json
 traced pit $IT demo --scale 0 --set pit-latch=5000 --truth $out/pit.truth.json
 traced cpuid $IT demo --scale 0 --cpuid 5000 --truth $out/cpuid.truth.json
-traced linux qemu-system-x86_64 -accel kvm -cpu host -m 256 -smp 2 -nodefaults \
-    -no-reboot -display none -serial file:$out/linux.console \
-    -kernel {kernel} -initrd {initrd} \
-    -append "console=ttyS0 quiet panic=-1 clocksource=tsc {tsc} e2e=boot"
+# The nested Linux guest now and then hangs early, after a lockdep report
+# of an interrupt taken with interrupts off (e2e/NOTES.md, not caused by
+# ioregtrace): such a boot is ended when its console says so and booted
+# again, up to twice, and linux.hangs keeps each hung console's tail.
+linux_once() {{
+    rm -f $out/linux.console
+    LIMIT_S=300 traced linux qemu-system-x86_64 -accel kvm -cpu host -m 256 -smp 2 -nodefaults \
+        -no-reboot -display none -serial file:$out/linux.console \
+        -kernel {kernel} -initrd {initrd} \
+        -append "console=ttyS0 quiet panic=-1 clocksource=tsc {tsc} e2e=boot" &
+    pid=$!
+    while kill -0 $pid 2>/dev/null; do
+        if grep -q -e "possible recursive locking" -e "detected stalls" \
+                $out/linux.console 2>/dev/null; then
+            pkill -TERM -f "^qemu-system-x86_64 -accel kvm -cpu host -m 256 -smp 2"
+        fi
+        sleep 2
+    done
+    wait $pid
+    grep -q "E2E-END boot 0" $out/linux.console
+}}
+: > $out/linux.hangs
+for attempt in 1 2 3; do
+    linux_once && break
+    {{ echo "--- boot $attempt"; tail -c 1500 $out/linux.console; }} >> $out/linux.hangs
+done
 """
 
-VM_TIMEOUT_S = 900
+VM_TIMEOUT_S = 1500     # the demo runs ~3 min, each Linux boot ~1 (up to 5)
 
 # perf kvm stat names SVM exits as the kernel's uapi table does; the
 # reasons a run can show, to their exit codes (APM vol. 2, appendix C).
@@ -127,6 +149,10 @@ def share(request, tmp_path_factory):
             warnings.warn(f"the test VM stalled and was booted again: {e}", stacklevel=1)
     (out / "console.log").write_text(console)
     assert rc == 0, console[-3000:]
+    hangs = (out / "linux.hangs").read_text()
+    if hangs:
+        warnings.warn(f"the nested Linux guest hung and was booted again:\n{hangs[-1500:]}",
+                      stacklevel=1)
     return out
 
 
@@ -300,24 +326,61 @@ def _perf_keys(share, name, event):
     return rows
 
 
-def test_access_counts_per_port_and_address_equal_perf_kvm_stat(share):
-    """Per PIO port and MMIO address and direction, the demo mix's accesses
-    (all paths) equal perf kvm stat's `--event=ioport` / `--event=mmio`.
-    Two differences are the tools' definitions, not errors: a string IN
-    exits once for all its elements (one kvm_pio event: perf counts 1,
-    ioregtrace each of the 32 elements), and the run's last access (the
-    demo's "done" write) has no kvm_entry after it, which perf needs."""
-    doc = _report(share, "mix", "--by", "address")
+ACCESS_LINE = re.compile(r"\s*(\d+)\s+[\d.]+:\s+kvm:(?:kvm_entry:|kvm_pio: pio_(read|write) at "
+                         r"0x([0-9a-f]+) size \d+ count (\d+)|kvm_mmio: mmio write len \d+ "
+                         r"gpa 0x([0-9a-f]+))")
+
+
+def _perf_leaves_out(share, name):
+    """{(space, address, op): n}: the accesses perf kvm stat's ioport and
+    mmio tables do not count, by perf's own record of them.  Both are the
+    tools' definitions, not errors: a string IN or OUT is one kvm_pio event
+    (`count N`), one access to perf and N to ioregtrace; and perf counts a
+    PIO or an MMIO write when the vCPU enters again, which the run's last
+    access on each vCPU never does."""
+    res = subprocess.run(["perf", "script", "--ns", "-i", str(share / f"{name}.perf"),
+                          "-F", "tid,time,event,trace"],
+                         capture_output=True, text=True, check=True)
+    out, since_entry = collections.Counter(), collections.defaultdict(list)
+    for line in res.stdout.splitlines():
+        m = ACCESS_LINE.match(line)
+        if not m:
+            continue
+        tid, op, port, count, gpa = m.groups()
+        if port:
+            key = ("pio", int(port, 16), "POUT" if op == "write" else "PIN")
+            out[key] += int(count) - 1
+            since_entry[tid].append(key)
+        elif gpa:
+            since_entry[tid].append(("mmio", int(gpa, 16), "W"))
+        else:
+            since_entry[tid] = []
+    for keys in since_entry.values():
+        out.update(keys[-1:])
+    return {k: n for k, n in out.items() if n}
+
+
+@pytest.mark.parametrize("name", ["mix", "linux"])
+def test_access_counts_per_port_and_address_equal_perf_kvm_stat(share, name):
+    """Per PIO port and MMIO address and direction, the accesses (all
+    paths) equal perf kvm stat's `--event=ioport` / `--event=mmio`, but for
+    what perf leaves out by definition (_perf_leaves_out), which perf's own
+    record names."""
+    doc = _report(share, name, "--by", "address")
     ours = collections.Counter()
     for r in doc["rows"]:
         op = ("W" if r["op"] == "write" else "R") if r["space"] == "mmio" else \
             ("POUT" if r["op"] == "write" else "PIN")
         ours[(r["space"], r["address"], op)] += r["count"]
-    ours[("pio", 0x5005, "PIN")] //= 32             # string-in: rep insb x 32
-    ours[("pio", 0x5FF0, "POUT")] -= 1               # the last exit: no entry
+    left_out = _perf_leaves_out(share, name)
+    print(f"{name}: perf leaves out {left_out}")
+    if name == "mix":
+        # the demo's string IN (rep insb x 32) and its last write ("done")
+        assert set(left_out) == {("pio", 0x5005, "PIN"), ("pio", 0x5FF0, "POUT")}, left_out
+    ours.subtract(left_out)
     ours = {k: n for k, n in ours.items() if n}
-    perf = {("pio", a, op): n for (a, op), n in _perf_keys(share, "mix", "ioport").items()}
-    perf.update({("mmio", a, op): n for (a, op), n in _perf_keys(share, "mix", "mmio").items()})
+    perf = {("pio", a, op): n for (a, op), n in _perf_keys(share, name, "ioport").items()}
+    perf.update({("mmio", a, op): n for (a, op), n in _perf_keys(share, name, "mmio").items()})
     assert ours == perf
 
 
