@@ -31,7 +31,10 @@ TIMEOUT_S = 2400
 
 
 def build_qemu():
-    """The directory of qemu/build.sh's QEMU (cached; built if missing)."""
+    """The directory of qemu/build.sh's QEMU (cached; built if missing), or
+    $IOREGTRACE_QEMU_DIR's, a tree being worked on (qemu/NOTES.md)."""
+    if os.environ.get("IOREGTRACE_QEMU_DIR"):
+        return os.environ["IOREGTRACE_QEMU_DIR"]
     res = subprocess.run([os.path.join(REPO, "qemu", "build.sh")], stdout=subprocess.PIPE,
                          text=True, check=False)
     if res.returncode != 0:

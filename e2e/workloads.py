@@ -89,6 +89,13 @@ NVME_IOREGIONFD = ["-drive", "if=none,id=nv,file={disk},format=raw", "-device",
 NVME = ["-drive", "if=none,id=nv,file={disk},format=raw", "-device",
         "nvme,drive=nv,serial=e2e"]
 
+# The controller owned by an IOThread (iothread=): its queues processed
+# there, and its BAR served there over ioregionfd; with ioregionfd=off for
+# the accelerator, vCPUs hand each access to the IOThread and wait.
+NVME_IOTHREAD = ["-object", "iothread,id=io0",
+                 "-drive", "if=none,id=nv,file={disk},format=raw", "-device",
+                 "nvme,drive=nv,serial=e2e,iothread=io0,ioregionfd=on"]
+
 # The in-kernel devices every boot drives (x86 PC with KVM's irqchip).  The
 # LAPIC is at 0xfee00000, where QEMU's map has its MSI window, kvm-apic-msi.
 IN_KERNEL = [("kvm-pit", "kernel"), ("kvm-pic", "kernel"), ("kvm-ioapic", "kernel"),
@@ -133,6 +140,14 @@ WORKLOADS = [
              expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
              accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
              disk_mb=4, forbid_paths=[("nvme", "ioregionfd")]),
+    Workload("nvme-iothread", NVME_IOTHREAD, _integrity("/dev/nvme0n1"),
+             expect_paths=IN_KERNEL + [("nvme", "ioregionfd")], qemu="built", reboot=True,
+             console_checks=INTEGRITY_CHECKS, disk_mb=4,
+             forbid_paths=[("nvme", "userspace")]),
+    Workload("nvme-iothread-fallback", NVME_IOTHREAD, _integrity("/dev/nvme0n1"),
+             expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
+             accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
+             disk_mb=4, forbid_paths=[("nvme", "ioregionfd")]),
     Workload("vga", ["-vga", "std"],
              "i=0\nwhile [ $i -lt 300 ]; do\n"
              "  echo \"ioregtrace e2e: line $i of text on the VGA console\" > /dev/tty1\n"
@@ -159,6 +174,8 @@ BENCH = [
               "nvme,drive=nv,serial=e2e,ioeventfd=on"],
              _bench_reads("/dev/nvme0n1"), qemu="built"),
     Workload("bench-nvme-ioregionfd", NVME_IOREGIONFD, _bench_reads("/dev/nvme0n1"),
+             qemu="built"),
+    Workload("bench-nvme-iothread", NVME_IOTHREAD, _bench_reads("/dev/nvme0n1"),
              qemu="built"),
 ]
 

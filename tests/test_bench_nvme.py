@@ -38,6 +38,8 @@ def test_ratios_per_repeat_and_the_savings():
                       stat(paths=["ioeventfd", "userspace"])),
         "ioregionfd": ({"console": console({1: [800, 500, 900], 16: [4000, 4000, 4000]})},
                        stat(paths=["ioregionfd"])),
+        "iothread": ({"console": console({1: [400, 500, 450], 16: [1000, 1000, 1000]})},
+                     stat(paths=["ioregionfd"])),
     }
     f = nvme.summarize(results)
     assert f["ratios"]["ioregionfd"][1] == {"median": 2.0, "min": 1.0, "max": 2.0}
@@ -47,7 +49,12 @@ def test_ratios_per_repeat_and_the_savings():
     reads = nvme.BENCH_READS
     stock_s = sum(reads[1] / i for i in (400, 500, 450)) + 3 * reads[16] / 2000
     fd_s = sum(reads[1] / i for i in (800, 500, 900)) + 3 * reads[16] / 4000
-    assert f["measured_saving_ms"] == pytest.approx((stock_s - fd_s) * 1000, abs=5)
+    thread_s = sum(reads[1] / i for i in (400, 500, 450)) + 3 * reads[16] / 1000
+    assert f["measured_saving_ms"]["ioregionfd"] == pytest.approx((stock_s - fd_s) * 1000, abs=5)
+    assert f["measured_saving_ms"]["iothread"] == pytest.approx((stock_s - thread_s) * 1000,
+                                                                abs=5)
+    assert f["measured_saving_ms"]["iothread"] < 0     # slower: a negative saving
+    assert f["ratios"]["iothread"][16] == {"median": 0.5, "min": 0.5, "max": 0.5}
     assert f["paths"]["ioregionfd"] == [("nvme", "ioregionfd")]
     text = nvme.report(f)
     assert "iodepth 1: x2.00 (1.00..2.00)" in text and "predicted" in text
@@ -58,4 +65,4 @@ def test_a_guest_that_ran_fewer_reads_is_an_error():
     full = {"console": console({1: [400, 500, 450], 16: [2000, 2000, 2000]})}
     with pytest.raises(RuntimeError, match="2 runs at iodepth 1, expected 3"):
         nvme.summarize({"stock": (short, stat()), "ioeventfd": (full, stat()),
-                        "ioregionfd": (full, stat())})
+                        "ioregionfd": (full, stat()), "iothread": (full, stat())})
