@@ -101,6 +101,20 @@ NVME_IOTHREAD = ["-object", "iothread,id=io0",
 IN_KERNEL = [("kvm-pit", "kernel"), ("kvm-pic", "kernel"), ("kvm-ioapic", "kernel"),
              ("kvm-apic-msi", "kernel")]
 
+
+def _integrity_workloads(name, devices):
+    """The integrity run on the built QEMU, and the same device on
+    `ioregionfd=off` (a kernel without ioregionfd): its BAR all ioregionfd,
+    then all userspace."""
+    common = dict(qemu="built", reboot=True, console_checks=INTEGRITY_CHECKS, disk_mb=4)
+    return [Workload(name, devices, _integrity("/dev/nvme0n1"),
+                     expect_paths=IN_KERNEL + [("nvme", "ioregionfd")],
+                     forbid_paths=[("nvme", "userspace")], **common),
+            Workload(f"{name}-fallback", devices, _integrity("/dev/nvme0n1"),
+                     expect_paths=IN_KERNEL + [("nvme", "userspace")], accel="kvm,ioregionfd=off",
+                     forbid_paths=[("nvme", "ioregionfd")], **common)]
+
+
 WORKLOADS = [
     Workload("boot", [], "true\n", expect_paths=IN_KERNEL, in_make_test=True),
     Workload("nvme", NVME, _disk_reads("/dev/nvme0n1"),
@@ -132,22 +146,8 @@ WORKLOADS = [
     # 4 MiB: the whole disk is written and read back three times, the first
     # time at iodepth 1.  Small, because the nested guest's rare hang
     # (e2e/NOTES.md) comes with interrupts: the more I/O, the likelier.
-    Workload("nvme-ioregionfd", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
-             expect_paths=IN_KERNEL + [("nvme", "ioregionfd")], qemu="built", reboot=True,
-             console_checks=INTEGRITY_CHECKS, disk_mb=4,
-             forbid_paths=[("nvme", "userspace")]),
-    Workload("nvme-ioregionfd-fallback", NVME_IOREGIONFD, _integrity("/dev/nvme0n1"),
-             expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
-             accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
-             disk_mb=4, forbid_paths=[("nvme", "ioregionfd")]),
-    Workload("nvme-iothread", NVME_IOTHREAD, _integrity("/dev/nvme0n1"),
-             expect_paths=IN_KERNEL + [("nvme", "ioregionfd")], qemu="built", reboot=True,
-             console_checks=INTEGRITY_CHECKS, disk_mb=4,
-             forbid_paths=[("nvme", "userspace")]),
-    Workload("nvme-iothread-fallback", NVME_IOTHREAD, _integrity("/dev/nvme0n1"),
-             expect_paths=IN_KERNEL + [("nvme", "userspace")], qemu="built",
-             accel="kvm,ioregionfd=off", reboot=True, console_checks=INTEGRITY_CHECKS,
-             disk_mb=4, forbid_paths=[("nvme", "ioregionfd")]),
+    *_integrity_workloads("nvme-ioregionfd", NVME_IOREGIONFD),
+    *_integrity_workloads("nvme-iothread", NVME_IOTHREAD),
     Workload("vga", ["-vga", "std"],
              "i=0\nwhile [ $i -lt 300 ]; do\n"
              "  echo \"ioregtrace e2e: line $i of text on the VGA console\" > /dev/tty1\n"
@@ -156,7 +156,7 @@ WORKLOADS = [
 ]
 
 # make bench's NVMe phase (bench/nvme.py): the same reads against QEMU's
-# NVMe three ways, on the built QEMU, repeated within one boot each.
+# NVMe four ways, on the built QEMU, repeated within one boot each.
 BENCH_REPEATS = 3
 BENCH_READS = {1: 1000, 16: 2000}
 
