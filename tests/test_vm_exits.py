@@ -19,6 +19,7 @@ tracepoint (the program returns 1 now; the counts tests fail without it).
 One VM boot serves the whole module (kernel/vm.py)."""
 
 import collections
+import functools
 import json
 import os
 import re
@@ -171,13 +172,20 @@ def _ours(share, name):
     return doc
 
 
-def _perf_events(share, name):
-    """perf's own record, event by event: [(tid, event, vcpu, reason, time_s)]."""
+@functools.lru_cache(maxsize=None)
+def _perf_script(share, name):
+    """perf's own record of a run, one event per line (read once: a Linux
+    boot's is ~165 MB)."""
     res = subprocess.run(["perf", "script", "--ns", "-i", str(share / f"{name}.perf"),
                           "-F", "tid,time,event,trace"],
                          capture_output=True, text=True, check=True)
+    return res.stdout.splitlines()
+
+
+def _perf_events(share, name):
+    """perf's own record, event by event: [(tid, event, vcpu, reason, time_s)]."""
     events = []
-    for line in res.stdout.splitlines():
+    for line in _perf_script(share, name):
         m = re.match(r"\s*(\d+)\s+([\d.]+):\s+kvm:(kvm_exit|kvm_entry):\s+vcpu (\d+)"
                      r"(?:.* reason (.+?) rip)?", line)
         if m:
@@ -338,11 +346,8 @@ def _perf_leaves_out(share, name):
     (`count N`), one access to perf and N to ioregtrace; and perf counts a
     PIO or an MMIO write when the vCPU enters again, which the run's last
     access on each vCPU never does."""
-    res = subprocess.run(["perf", "script", "--ns", "-i", str(share / f"{name}.perf"),
-                          "-F", "tid,time,event,trace"],
-                         capture_output=True, text=True, check=True)
     out, since_entry = collections.Counter(), collections.defaultdict(list)
-    for line in res.stdout.splitlines():
+    for line in _perf_script(share, name):
         m = ACCESS_LINE.match(line)
         if not m:
             continue
