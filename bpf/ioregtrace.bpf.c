@@ -1240,12 +1240,16 @@ static __always_inline void exit_inferred(struct thread_state *s, u8 space, u32 
 }
 
 #ifdef HAVE_KVM_IOREGION
-/* Did KVM_RUN return with an ioregion access unfinished
- * (KVM_RUN_X86_IOREGIONFD_PENDING in kvm_run.flags)? */
-static __always_inline int ioregion_still_pending(struct thread_state *s)
+/* May KVM_RUN have returned with an ioregion access unfinished
+ * (KVM_RUN_X86_IOREGIONFD_PENDING in kvm_run.flags)?  Yes too when kvm_run
+ * cannot be read: until the VMM first touches its mapping the page is not
+ * in its page tables, and a tracepoint program cannot fault it in.  An
+ * access kept pending wrongly is only counted later: the thread's next
+ * event settles it where it was served. */
+static __always_inline int ioregion_may_be_pending(struct thread_state *s)
 {
 	struct kvm_run_head run;
-	return read_run(s, &run) && (run.flags & KVM_RUN_X86_IOREGIONFD_PENDING);
+	return !read_run(s, &run) || (run.flags & KVM_RUN_X86_IOREGIONFD_PENDING);
 }
 
 /* KVM_EXIT_IOREGIONFD_FAILED: an ioregion's channel failed.  If the access
@@ -1301,7 +1305,7 @@ static __always_inline void on_exit(struct thread_state *s, u32 reason, int err)
 	}
 #ifdef HAVE_KVM_IOREGION
 	if ((err == 0 && reason == KVM_EXIT_IOREGIONFD_FAILED) ||
-	    (err != 0 && s->pending && ioregion_still_pending(s))) {
+	    (err != 0 && s->pending && ioregion_may_be_pending(s))) {
 		if (err == 0)
 			exit_ioregion_failed(s);
 		/* else: a signal before an ioregion access was sent; it stays
