@@ -1271,8 +1271,14 @@ static __always_inline void exit_ioregion_failed(struct thread_state *s)
 		return;
 	}
 	struct kvm_run_head run;
-	if (s->skip_pio_in || !read_run(s, &run) ||
-	    run.exit_reason != KVM_EXIT_IOREGIONFD_FAILED ||
+	if (s->skip_pio_in)
+		return;
+	if (!read_run(s, &run)) {
+		/* an IN we cannot name (kvm_run not yet touched by the VMM) */
+		bump(CNT_UNMATCHED_EXITS, 1);
+		return;
+	}
+	if (run.exit_reason != KVM_EXIT_IOREGIONFD_FAILED ||
 	    !run.ioregionfd_failed.pio || run.ioregionfd_failed.is_write)
 		return;
 	struct access_key k = {.pid = key_pid(s->pid), .vm = s->vm,

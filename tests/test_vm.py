@@ -47,8 +47,9 @@ done
 .venv/bin/ioregtrace stat --json -o $out/stat.json -- \
     .venv/bin/ioregtrace demo --delay-us {delay_us} --truth $out/truth.json \
     > $out/stat.log 2>&1; echo $? > $out/stat.rc
-# The conformance test written from api.rst alone (tests/conformance/).
+# The conformance tests written from api.rst alone (tests/conformance/).
 timeout 600 {conformance} > $out/conformance.log 2>&1; echo $? > $out/conformance.rc
+timeout 600 {conformance2} > $out/conformance2.log 2>&1; echo $? > $out/conformance2.rc
 # ioregtrace on three of the selftest's cases (each in a child process):
 # accesses a signal interrupted while awaiting their response, accesses to
 # a device that went away, and a write interrupted before it was sent.
@@ -73,7 +74,10 @@ DELAY_US = 5000
 # stalled guest is stopped after this long and booted once more: a stall
 # still costs make test only ~12 minutes of its 30.
 VM_TIMEOUT_S = 600
-CONFORMANCE_SOURCE = os.path.join(REPO, "tests", "conformance", "ioregionfd_conformance.c")
+# Two suites, each written by a session that saw only api.rst and the uapi
+# headers, never the code.
+CONFORMANCE_SOURCES = {name: os.path.join(REPO, "tests", "conformance", f"ioregionfd_{name}.c")
+                       for name in ("conformance", "conformance2")}
 # The upstream KVM selftests run in the VM (kernel/build.sh builds them).
 UPSTREAM_SELFTESTS = ("x86_64/userspace_io_test", "x86_64/sync_regs_test",
                       "x86_64/userspace_msr_exit_test", "set_memory_region_test",
@@ -94,12 +98,15 @@ def _problem():
 
 def _build_conformance(kdir, directory):
     """tests/conformance, built against the test kernel's uapi headers, in
-    a host directory the guest (which sees the host's files) can run from."""
-    binary = str(directory / "conformance")
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-pthread",
-                    f"-I{kdir}/src/usr/include", "-o", binary, CONFORMANCE_SOURCE],
-                   check=True)
-    return binary
+    a host directory the guest (which sees the host's files) can run from:
+    {name: binary}."""
+    binaries = {}
+    for name, source in CONFORMANCE_SOURCES.items():
+        binaries[name] = str(directory / name)
+        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-pthread",
+                        f"-I{kdir}/src/usr/include", "-o", binaries[name], source],
+                       check=True)
+    return binaries
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +118,7 @@ def guest(request, tmp_path_factory):
         pytest.skip(problem)
     kdir = build_kernel(request)
     conformance = _build_conformance(kdir, tmp_path_factory.mktemp("conformance"))
-    script = GUEST_SCRIPT.format(kdir=kdir, delay_us=DELAY_US, conformance=conformance,
+    script = GUEST_SCRIPT.format(kdir=kdir, delay_us=DELAY_US, **conformance,
                                  upstream=" ".join(UPSTREAM_SELFTESTS))
     for attempt in (1, 2):
         share = tmp_path_factory.mktemp("vm")
@@ -169,6 +176,17 @@ def test_the_conformance_test_of_api_rst_passes(guest):
     summary = re.search(r"^(\d+) passed, (\d+) failed$", log, re.M)
     assert summary and int(summary.group(1)) >= 30 and summary.group(2) == "0", log[-4000:]
     assert "not ok" not in log, log[-4000:]
+
+
+def test_the_second_conformance_test_of_api_rst_passes(guest):
+    """tests/conformance/ioregionfd_conformance2.c, by another session from
+    api.rst alone: failure exits and what follows them, waits to send,
+    immediate_exit, lifetimes, several vCPUs on a channel."""
+    log = _read(guest, "conformance2.log")
+    assert _read(guest, "conformance2.rc").strip() == "0", log[-4000:]
+    summary = re.search(r"^SUMMARY pass (\d+) fail (\d+)$", log, re.M)
+    assert summary and int(summary.group(1)) >= 23 and summary.group(2) == "0", log[-4000:]
+    assert not re.search(r"^FAIL", log, re.M), log[-4000:]
 
 
 def test_the_kernel_did_not_warn(guest):
