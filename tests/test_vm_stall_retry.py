@@ -22,7 +22,9 @@ def stalls_once():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(test_vm, "_problem", lambda: None)
         mp.setattr(test_vm.vm, "build_kernel", lambda: "/no/kernel")
-        mp.setattr(test_vm, "_build_conformance", lambda kdir, directory: "/no/conformance")
+        mp.setattr(test_vm, "_build_conformance",
+                   lambda kdir, directory: {name: f"/no/{name}"
+                                            for name in test_vm.CONFORMANCE_SOURCES})
         mp.setattr(test_vm.vm, "run", run)
         mp.setattr(test_vm, "warnings",
                    types.SimpleNamespace(warn=lambda message, **kw: warned.append(message)))
