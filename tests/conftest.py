@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,14 @@ def _integration_problem():
         if check.required and not check.ok or check.name.startswith("/dev/kvm") and not check.ok:
             return f"{check.name}: {check.detail}"
     return None
+
+
+def kernel_selftests():
+    """The KVM selftests kernel/build.sh builds (paths under
+    tools/testing/selftests/kvm), from its SELFTESTS list."""
+    with open(os.path.join(REPO, "kernel", "build.sh")) as f:
+        listed = re.search(r'^SELFTESTS="([^"]*)"', f.read(), re.M)
+    return tuple(listed.group(1).split())
 
 
 def build_kernel(request):

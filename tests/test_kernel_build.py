@@ -12,15 +12,14 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, REQUIRE_INTEGRATION, build_kernel
+from conftest import REPO, REQUIRE_INTEGRATION, build_kernel, kernel_selftests
 
 BUILD = os.path.join(REPO, "kernel", "build.sh")
 
 pytestmark = pytest.mark.integration
 
 # kernel/build.sh's SELFTESTS, which the test VM runs (tests/test_vm.py)
-SELFTESTS = ("x86_64/ioregionfd_test", "x86_64/userspace_io_test", "x86_64/sync_regs_test",
-             "x86_64/userspace_msr_exit_test", "set_memory_region_test", "coalesced_io_test")
+SELFTESTS = kernel_selftests()
 
 # What a parent make exports (MAKELEVEL, MAKEFLAGS, MFLAGS), and variables
 # kbuild and the selftests' makefiles read from the environment.
