@@ -272,6 +272,16 @@ static void check_exit(struct vcpu *v, unsigned reason, int pending)
 	      !!(r->flags & KVM_RUN_X86_IOREGIONFD_PENDING), pending, r->exit_reason);
 }
 
+/* A failure exit; then, as api.rst says, the next KVM_RUN completes the
+ * access as failed without another exit for it: the guest reaches its HLT. */
+static void check_failed_then_hlt(struct vcpu *v, uint64_t addr, uint32_t len, int is_write, int pio,
+				  uint64_t ud, int err)
+{
+	check_failed(v, addr, len, is_write, pio, ud, err);
+	run(v);
+	check_exit(v, KVM_EXIT_HLT, 0);
+}
+
 /* ================= tests ================= */
 
 /* Failure exit fields: MMIO read, device closed before */
@@ -304,9 +314,7 @@ static void t_fail_mmio_write(void)
 	dev_expect(sv[1], 1, 0x22, 2, UD, NULL);
 	close(sv[1]);
 	CHECK(run_wait(&v, 5000), "vCPU did not return");
-	check_failed(&v, MMIO_BASE + 0x22, 2, 1, 0, UD, -EPIPE);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x22, 2, 1, 0, UD, -EPIPE);
 }
 
 /* Failure exit fields: PIO IN; partial register update */
@@ -318,9 +326,7 @@ static void t_fail_pio_in(void)
 	close(sv[1]);
 	set_regs(&v, g_in2, 0x12345678, 0, 0, 0x302, 0, 0);
 	run(&v);
-	check_failed(&v, 0x302, 2, 0, 1, UD, -EPIPE);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, 0x302, 2, 0, 1, UD, -EPIPE);
 	struct kvm_regs r = get_regs(&v);
 	CHECK(r.rax == 0x1234ffff, "rax 0x%llx expected 0x1234ffff", r.rax);
 }
@@ -336,20 +342,14 @@ static void t_fail_posted(void)
 	close(sv[1]); close(sp[1]);
 	set_regs(&v, g_wr4, 0xcafe, 0x40, 0, 0, 0, 0);
 	run(&v);
-	check_failed(&v, MMIO_BASE + 0x40, 4, 1, 0, UD, -EPIPE);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x40, 4, 1, 0, UD, -EPIPE);
 	set_regs(&v, g_out1, 0x5a, 0, 0, 0x301, 0, 0);
 	run(&v);
-	check_failed(&v, 0x301, 1, 1, 1, UD + 1, -EPIPE);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, 0x301, 1, 1, 1, UD + 1, -EPIPE);
 	/* again: every later access gives its own FAILED exit */
 	set_regs(&v, g_out2, 0x5a5a, 0, 0, 0x302, 0, 0);
 	run(&v);
-	check_failed(&v, 0x302, 2, 1, 1, UD + 1, -EPIPE);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, 0x302, 2, 1, 1, UD + 1, -EPIPE);
 }
 
 /* Multi-piece: failure on the last piece of a 3-byte half */
@@ -364,18 +364,14 @@ static void t_fail_piece3(void)
 	if (dev_expect(sv[1], 0, 0x1000, 2, UD, NULL)) dev_resp(sv[1], 0xbbcc, 0);
 	if (dev_expect(sv[1], 0, 0x1002, 1, UD, NULL)) dev_resp(sv[1], 0xdd, 1); /* bad pad: EPROTO */
 	CHECK(run_wait(&v, 5000), "vCPU did not return");
-	check_failed(&v, MMIO_BASE + 0x1002, 1, 0, 0, UD, -EPROTO);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x1002, 1, 0, 0, UD, -EPROTO);
 	struct kvm_regs r = get_regs(&v);
 	CHECK((uint32_t)r.rax == 0xffbbccaa, "eax 0x%llx expected 0xffbbccaa", r.rax);
 	/* sockets stay failed, first error kept, even after the device closes */
 	close(sv[1]);
 	set_regs(&v, g_rd1, 0, 0x5, 0, 0, 0, 0);
 	run(&v);
-	check_failed(&v, MMIO_BASE + 0x5, 1, 0, 0, UD, -EPROTO);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x5, 1, 0, 0, UD, -EPROTO);
 }
 
 /* Multi-piece: failure on the 2-byte piece; the 1-byte piece of the same exit must not be sent */
@@ -389,9 +385,7 @@ static void t_fail_piece2(void)
 	if (dev_expect(sv[1], 0, 0xfff, 1, UD, NULL)) dev_resp(sv[1], 0xaa, 0);
 	if (dev_expect(sv[1], 0, 0x1000, 2, UD, NULL)) dev_resp(sv[1], 0xbbcc, 1);
 	CHECK(run_wait(&v, 5000), "vCPU did not return");
-	check_failed(&v, MMIO_BASE + 0x1000, 2, 0, 0, UD, -EPROTO);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x1000, 2, 0, 0, UD, -EPROTO);
 	struct kvm_regs r = get_regs(&v);
 	CHECK((uint32_t)r.rax == 0xffffffaa, "eax 0x%llx expected 0xffffffaa", r.rax);
 	CHECK(queued_none(sv[1], 300), "a command was sent after the failure");
@@ -419,9 +413,7 @@ static void t_fail_half1(void)
 	NOTE("next KVM_RUN after failing first half: ret %d exit_reason %u flags 0x%x%s", v.ret, v.run->exit_reason,
 	     v.run->flags, v.run->exit_reason == KVM_EXIT_IOREGIONFD_FAILED ? " (second FAILED exit for the other half)" : "");
 	/* api.rst: one failure exit per exit; the other half is an exit of its own */
-	check_failed(&v, MMIO_BASE + 0x1000, 2, 0, 0, UD, -EPROTO);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x1000, 2, 0, 0, UD, -EPROTO);
 	struct kvm_regs r = get_regs(&v);
 	CHECK((uint32_t)r.rax == 0xffffffff, "eax 0x%llx expected all ones", r.rax);
 	CHECK(queued_none(sv[1], 300), "a command for the second half was sent after the failure");
@@ -439,9 +431,7 @@ static void t_fail_posted_unread(void)
 	close(sv[1]); /* unread posted write in it */
 	set_regs(&v, g_rd4, 0, 0x10, 0, 0, 0, 0);
 	run(&v);
-	check_failed(&v, MMIO_BASE + 0x10, 4, 0, 0, UD, -ECONNRESET);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x10, 4, 0, 0, UD, -ECONNRESET);
 	/* device read the posted writes then closed: next access EPIPE */
 	struct vm vm2; struct vcpu v2;
 	vm_init(&vm2); vcpu_init(&vm2, &v2, 0); mkpair(sv);
@@ -489,9 +479,7 @@ static void t_fail_rep(void)
 	memset(vm.mem + 0x3000, 0x11, 16);
 	set_regs(&v, g_repinsb, 0, 0, 5, 0x300, 0, 0x3000);
 	run(&v);
-	check_failed(&v, 0x300, 1, 0, 1, UD, -EPROTO);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, 0x300, 1, 0, 1, UD, -EPROTO);
 	r = get_regs(&v);
 	int ok = 1;
 	for (int i = 0; i < 5; i++) if (vm.mem[0x3000 + i] != 0xff) ok = 0;
@@ -1026,9 +1014,7 @@ static void t_zero_size_fail(void)
 	close(sv[1]);
 	set_regs(&v, g_wr2, 0x1234, 0x10, 0, 0, 0, 0);
 	run(&v);
-	check_failed(&v, MMIO_BASE + 0x10, 2, 1, 0, UD, -EPIPE);
-	run(&v);
-	check_exit(&v, KVM_EXIT_HLT, 0);
+	check_failed_then_hlt(&v, MMIO_BASE + 0x10, 2, 1, 0, UD, -EPIPE);
 }
 
 struct test { const char *name; void (*fn)(void); };
