@@ -250,6 +250,9 @@ struct thread_state {
 	u8 complete;            /* copy of vm_info.complete */
 	u8 synced;              /* saw an exit of this thread, or its VM created */
 	u8 fresh_entry;         /* no kvm event yet since the last KVM_RUN entry */
+	u8 closing;             /* the session is ending: see CFG_PHASE */
+	u8 closed;              /* ... and has ended: this state is the final count */
+	u8 pend_late;           /* pend_key was begun after the end began */
 	u32 state_gen;          /* CFG_STATE_GEN when the caches below were filled */
 	u32 run_fd;             /* the vCPU fd run_addr belongs to */
 	u8 event_sent;          /* event mode: its last userspace access was sent */
@@ -387,6 +390,19 @@ BPF_ARRAY(config, u64, 8);
 #define MODE_ALL 1              /* every KVM VM on the host */
 #define MODE_TARGETS 2          /* only the tgids in `targets` */
 #define CFG_VCPU_MMAP_SIZE 6    /* KVM_GET_VCPU_MMAP_SIZE (0: unknown, any size) */
+/* How a session ends: with one cut every thread agrees on.  An access
+ * whose event came before the cut counts, by the path it took, even when
+ * that path is known only at the thread's next event (a read's exit to
+ * userspace comes microseconds after its READ_UNSATISFIED).  So the agent
+ * first sets CLOSING: a thread that sees it marks what it begins from then
+ * on as late, and the agent waits (briefly) for every access begun before
+ * to be settled by its thread.  Then CLOSED: a thread that sees it changes
+ * nothing any more, so the maps and the thread slots the agent reads last
+ * are one consistent count. */
+#define CFG_PHASE 7
+#define PHASE_OPEN 0
+#define PHASE_CLOSING 1
+#define PHASE_CLOSED 2
 
 static __always_inline void bump(int idx, u64 n)
 {
@@ -452,6 +468,12 @@ static __always_inline void refresh(struct thread_state *s, u32 pid)
 {
 	s->pid = pid;
 	s->state_gen = cfg(CFG_STATE_GEN);
+	u64 phase = cfg(CFG_PHASE);
+	if (phase == PHASE_CLOSED) {
+		s->closed = 1;
+		return;
+	}
+	s->closing = phase == PHASE_CLOSING;
 	u64 mode = cfg(CFG_MODE);
 	s->traced = s->watched = 0;
 	if (mode == MODE_SETTING_UP || (mode == MODE_TARGETS && !targets.lookup(&pid)))
@@ -497,7 +519,8 @@ static __always_inline struct thread_state *thread_new(u32 tid)
 					BPF_LOCAL_STORAGE_GET_F_CREATE);
 }
 
-/* The current thread's state, created on its first event. */
+/* The current thread's state, created on its first event; 0 once the
+ * session has ended (CFG_PHASE). */
 static __always_inline struct thread_state *thread(void)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -507,7 +530,7 @@ static __always_inline struct thread_state *thread(void)
 		 * vCPU that never leaves the guest. */
 		if (s->state_gen != cfg(CFG_STATE_GEN))
 			refresh(s, id >> 32);
-		return s;
+		return s->closed ? 0 : s;
 	}
 	s = thread_new(id);
 	if (!s) {
@@ -518,7 +541,7 @@ static __always_inline struct thread_state *thread(void)
 	 * saw: fresh_entry makes its first read suspect (see on_read). */
 	s->fresh_entry = 1;
 	refresh(s, id >> 32);
-	return s;
+	return s->closed ? 0 : s;
 }
 
 #ifdef WITH_EVENTS
@@ -949,6 +972,7 @@ static __always_inline void set_pending(struct thread_state *s, u32 pid, u8 spac
 					u64 addr, u32 size, u8 op, u8 path, u32 count)
 {
 	s->pending = 1;
+	s->pend_late = s->closing;
 	s->pend_count = count;
 	s->pend_key.pid = key_pid(pid);
 	s->pend_key.vm = s->vm;
@@ -1411,6 +1435,9 @@ RAW_TRACEPOINT_PROBE(kvm_entry)
 	struct thread_state *s = thread_find(bpf_get_current_pid_tgid());
 	if (!s || !s->hx_ts)
 		return 0;
+	/* its kvm_exit may have come before the end and this entry after */
+	if (s->closed || cfg(CFG_PHASE) == PHASE_CLOSED)
+		return 0;
 	u64 ns = bpf_ktime_get_ns() - s->hx_ts;
 	s->hx_ts = 0;
 	exit_batch_add(s, &s->hb, EXIT_HW, s->hx_isa, s->hx_reason, 0, ns, 1, 0);
@@ -1799,7 +1826,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = id, tgid = id >> 32;
 	struct thread_state *s = thread_find(tid);
-	if (s) {
+	/* Once the session has ended the agent reads the slot as it is. */
+	if (s && !s->closed && cfg(CFG_PHASE) != PHASE_CLOSED) {
 		flush_batches(s);
 		flush_exits(s);
 		/* A slot is free for the next thread (task storage, whose tid

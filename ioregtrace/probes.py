@@ -46,10 +46,17 @@ MAP_SIZES = {
 COUNTERS = ("dropped_accesses", "dropped_latency", "lost_events", "attach_ambiguous",
             "unmatched_exits", "dropped_registrations", "dropped_vms", "inferred_exits",
             "lost_layout", "lost_raw_events", "dropped_exits")
+# Counted by the agent, beside them.
+AGENT_COUNTERS = ("in_flight_at_end",)
 
 CFG_MODE, CFG_REG_GEN, CFG_VM_SERIAL, CFG_MR_NAME_OFFSET, CFG_EVENTS_LEFT = 0, 1, 2, 3, 4
 CFG_STATE_GEN = 5
 CFG_VCPU_MMAP_SIZE = 6
+CFG_PHASE, PHASE_CLOSING, PHASE_CLOSED = 7, 1, 2   # 0: open
+# How long the end of a session waits for the accesses begun before it to
+# be settled by their threads (see end_tracing).  Microseconds, normally;
+# a vCPU halted in the kernel after an in-kernel write never settles it.
+SETTLE_WAIT_S = 0.1
 MODE_ALL, MODE_TARGETS = 1, 2       # 0: setting up, nothing traced
 RAW_ACCESS, RAW_LATENCY = 0, 1
 # struct raw_event: ts, tid, pid, vm, layout, addr, count, space, op, path,
@@ -218,6 +225,7 @@ class Tracer:
             self._last_userspace = {}        # tid -> index of its last userspace event
             config[ctypes.c_int(CFG_EVENTS_LEFT)] = ctypes.c_uint64(events)
             self.bpf[b"raw_events"].open_ring_buffer(self._on_raw_event)
+        self.ended = False                   # end_tracing() was done
         # Programs are attached but trace nothing until this is done.
         self.held = {}                       # pid -> vm serial, see _hold_vms
         if self.filtering:
@@ -451,13 +459,46 @@ class Tracer:
         return dict(self.known_vms)
 
     def snapshot(self, final=False):
-        """The maps now.  `final`: the session has ended, so add what vCPU
-        threads still hold back (held_back())."""
+        """The maps now.  `final`: the session has ended, so end the
+        tracing (end_tracing()) and add what vCPU threads still hold back
+        (_add_held_back()).  Once ended, every snapshot is that final one."""
         with self.lock:
-            snap = self._snapshot()
             if final:
+                self.end_tracing()
+            ended = getattr(self, "ended", False)   # tests build Tracers without __init__
+            snap = self._snapshot()
+            if ended:
                 self._add_held_back(snap)
             return snap
+
+    def end_tracing(self, settle_wait_s=None):
+        """Stop counting at one cut all threads agree on (CFG_PHASE in the
+        BPF source).  An access whose event came before the cut is counted
+        by the path it took: a thread still between such an event and the
+        one that says where the access went (an MMIO read's exit to
+        userspace, microseconds later) is given up to `settle_wait_s` to get
+        there.  Counting it by its in-kernel candidate instead would report
+        an unsatisfied read as kvm.ko's.  What a thread begins after the cut
+        is not counted."""
+        if getattr(self, "ended", False):
+            return
+        config = self.bpf[b"config"]
+        config[ctypes.c_int(CFG_PHASE)] = ctypes.c_uint64(PHASE_CLOSING)
+        self._state_changed()
+        wait = SETTLE_WAIT_S if settle_wait_s is None else settle_wait_s
+        deadline = time.monotonic() + wait
+        slots = self.bpf[b"thread_slots"]
+        unsettled = [getattr(k, "value", k) for k, t in _items(slots) if _unsettled(t)]
+        while unsettled and time.monotonic() < deadline:
+            time.sleep(0.001)
+            unsettled = [i for i in unsettled if _unsettled(slots[ctypes.c_int(i)])]
+        config[ctypes.c_int(CFG_PHASE)] = ctypes.c_uint64(PHASE_CLOSED)
+        self._state_changed()
+        # A program that read the phase before it changed finishes within
+        # microseconds (tracepoint programs do not sleep); then nothing
+        # moves.
+        time.sleep(0.005)
+        self.ended = True
 
     def _add_held_back(self, snap):
         """A vCPU thread batches accesses and round trips of one key before
@@ -469,15 +510,21 @@ class Tracer:
         the threads' slots (threads whose state is in task storage, only
         when two live threads' ids share a slot, are not reached)."""
         flush = MAP_SIZES["LATENCY_FLUSH"]
+        in_flight = 0
         for _, t in _items(self.bpf[b"thread_slots"]):
             if not t.tid or not t.traced:
                 continue
             if t.run_count:
                 key = self._vm_key(t.run_key, snap.vms)
                 snap.accesses[key] = snap.accesses.get(key, 0) + t.run_count
-            if t.pending:        # no exit followed it: kvm.ko served it
-                key = self._vm_key(t.pend_key, snap.vms)
-                snap.accesses[key] = snap.accesses.get(key, 0) + t.pend_count
+            if t.pending and not t.pend_late:
+                if t.pend_key.space == keys.Space.MMIO and t.pend_key.op == keys.Op.READ:
+                    # READ_UNSATISFIED: no in-kernel handler; its exit (or
+                    # ioregionfd command) did not come in SETTLE_WAIT_S.
+                    in_flight += t.pend_count
+                else:        # no exit followed it: kvm.ko served it
+                    key = self._vm_key(t.pend_key, snap.vms)
+                    snap.accesses[key] = snap.accesses.get(key, 0) + t.pend_count
             if getattr(self, "exits", False):
                 self._add_open_exits(snap, t)
             if t.lat_n:
@@ -487,6 +534,7 @@ class Tracer:
                 key = self._vm_key(t.lat_key, snap.vms)
                 snap.latencies[key] = merge_latency(
                     snap.latencies.get(key), LatencyStats(t.lat_n, t.lat_sum, t.lat_max, slots))
+        snap.counters["in_flight_at_end"] = in_flight
 
     def _add_open_exits(self, snap, t):
         """A thread's exit still open (no kvm_entry yet: a halted vCPU, or
@@ -529,6 +577,7 @@ class Tracer:
                     list(v.slots)[:histogram.SLOTS])
         for i, name in enumerate(COUNTERS):
             snap.counters[name] = sum(self.bpf[b"counters"][ctypes.c_int(i)])
+        snap.counters.update(dict.fromkeys(AGENT_COUNTERS, 0))
         for k in self.bpf[b"reg_history"].keys():
             snap.registrations.append((k.vm, REG_KINDS[k.kind], keys.Space(k.space),
                                        k.addr, k.size))
@@ -611,6 +660,12 @@ def vcpu_run_mappings(pid):
             for fd in fds[parts[5]]:
                 runs.setdefault(fd, int(parts[0].split("-")[0], 16))
     return runs
+
+
+def _unsettled(t):
+    """A traced thread's slot holds an access begun before the end of the
+    session whose path its thread has not yet settled."""
+    return t.tid and t.traced and t.pending and not t.pend_late
 
 
 def _items(table):

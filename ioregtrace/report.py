@@ -280,6 +280,8 @@ COUNTER_NOTES = (
                          "did not see; not counted"),
     ("unmatched_exits", "{n} userspace exit(s) had no traced access before them (an "
                         "access KVM split in two, or begun before attach)"),
+    ("in_flight_at_end", "{n} MMIO read(s) had left the guest but not yet reached "
+                         "userspace or an ioregion when tracing ended; not counted"),
     ("dropped_latency", "{n} latency sample(s) dropped: latency map full"),
     ("dropped_registrations", "{n} registration(s) did not fit the tracer's tables; "
                               "their accesses may show as kernel"),

@@ -176,13 +176,14 @@ def test_dashboard_json_is_what_build_py_generates():
 def test_every_counter_of_the_tracer_is_exported():
     """Issue 16, defect 4: dropped latency samples (and the other drops)
     were not exported at all."""
-    from ioregtrace.probes import COUNTERS
+    from ioregtrace.probes import AGENT_COUNTERS, COUNTERS
+    names = COUNTERS + AGENT_COUNTERS
     session = FakeSession()
-    session.counters = {name: i + 1 for i, name in enumerate(COUNTERS)}
+    session.counters = {name: i + 1 for i, name in enumerate(names)}
     samples = scrape(exporter.Exporter(session))
     got = {dict(labels)["counter"]: v for (name, labels), v in samples.items()
            if name == "ioregtrace_diagnostics_total"}
-    assert got == {name: float(i + 1) for i, name in enumerate(COUNTERS)}
+    assert got == {name: float(i + 1) for i, name in enumerate(names)}
 
 
 def test_address_labels_are_capped_by_default():

@@ -33,7 +33,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from .. import __version__, exitcodes, histogram
 from .. import exits as exits_mod
 from ..keys import Path
-from ..probes import COUNTERS
+from ..probes import AGENT_COUNTERS, COUNTERS
 from ..recording import naming
 from ..report import merge_stats, name_accesses
 
@@ -252,7 +252,7 @@ class Exporter:
             "ioregtrace_diagnostics", "The tracer's own counters (README, Diagnostics): "
             "accesses, samples and events it dropped or could not attribute.",
             labels=["counter"])
-        for name in COUNTERS:
+        for name in COUNTERS + AGENT_COUNTERS:
             diagnostics.add_metric([name], c.get(name, 0))
         vms = GaugeMetricFamily("ioregtrace_vms", "VMM processes traced and running.")
         vms.add_metric([], sum(1 for s, i in self._vms.items()
