@@ -234,6 +234,13 @@ static void mkpair(int sv[2])
 {
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv)) die("socketpair");
 }
+/* A VM with vCPU 0 and a socket pair whose sv[0] serves [gpa, gpa + size) */
+static void one_region(struct vm *vm, struct vcpu *v, int sv[2], uint64_t gpa, uint64_t size,
+		       uint32_t flags)
+{
+	vm_init(vm); vcpu_init(vm, v, 0); mkpair(sv);
+	CHECK(!set_ioregion(vm->fd, gpa, size, UD, sv[0], sv[0], flags), "SET errno %d", errno);
+}
 static int queued_none(int fd, int ms)
 {
 	struct pollfd p = { .fd = fd, .events = POLLIN };
@@ -288,8 +295,7 @@ static void check_failed_then_hlt(struct vcpu *v, uint64_t addr, uint32_t len, i
 static void t_fail_mmio_read(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x2000, UD, sv[0], sv[0], 0), "SET errno %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x2000, 0);
 	close(sv[1]);
 	set_regs(&v, g_rd4, 0x12345678, 0x10, 0, 0, 0, 0);
 	run(&v);
@@ -307,8 +313,7 @@ static void t_fail_mmio_read(void)
 static void t_fail_mmio_write(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x2000, UD, sv[0], sv[0], 0), "SET errno %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x2000, 0);
 	set_regs(&v, g_wr2, 0xbeef, 0x22, 0, 0, 0, 0);
 	run_async(&v);
 	dev_expect(sv[1], 1, 0x22, 2, UD, NULL);
@@ -321,8 +326,7 @@ static void t_fail_mmio_write(void)
 static void t_fail_pio_in(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, 0x300, 8, UD, sv[0], sv[0], KVM_IOREGION_PIO), "SET errno %d", errno);
+	one_region(&vm, &v, sv, 0x300, 8, KVM_IOREGION_PIO);
 	close(sv[1]);
 	set_regs(&v, g_in2, 0x12345678, 0, 0, 0x302, 0, 0);
 	run(&v);
@@ -356,8 +360,7 @@ static void t_fail_posted(void)
 static void t_fail_piece3(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x2000, UD, sv[0], sv[0], 0), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x2000, 0);
 	set_regs(&v, g_rd4, 0, 0x0fff, 0, 0, 0, 0);
 	run_async(&v);
 	if (dev_expect(sv[1], 0, 0xfff, 1, UD, NULL)) dev_resp(sv[1], 0xaa, 0);
@@ -378,8 +381,7 @@ static void t_fail_piece3(void)
 static void t_fail_piece2(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x2000, UD, sv[0], sv[0], 0), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x2000, 0);
 	set_regs(&v, g_rd4, 0, 0x0fff, 0, 0, 0, 0);
 	run_async(&v);
 	if (dev_expect(sv[1], 0, 0xfff, 1, UD, NULL)) dev_resp(sv[1], 0xaa, 0);
@@ -402,8 +404,7 @@ static void t_fail_piece2(void)
 static void t_fail_half1(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x2000, UD, sv[0], sv[0], 0), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x2000, 0);
 	set_regs(&v, g_rd4, 0, 0x0ffe, 0, 0, 0, 0);
 	run_async(&v);
 	if (dev_expect(sv[1], 0, 0xffe, 2, UD, NULL)) dev_resp(sv[1], 0x1111, 1);
@@ -423,8 +424,7 @@ static void t_fail_half1(void)
 static void t_fail_posted_unread(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x1000, UD, sv[0], sv[0], KVM_IOREGION_POSTED_WRITES), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x1000, KVM_IOREGION_POSTED_WRITES);
 	set_regs(&v, g_wr4, 0x77, 0x10, 0, 0, 0, 0);
 	run(&v);
 	check_exit(&v, KVM_EXIT_HLT, 0);
@@ -450,8 +450,7 @@ static void t_fail_posted_unread(void)
 static void t_fail_rep(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, 0x300, 2, UD, sv[0], sv[0], KVM_IOREGION_PIO), "SET %d", errno);
+	one_region(&vm, &v, sv, 0x300, 2, KVM_IOREGION_PIO);
 	set_regs(&v, g_repoutsw, 0, 0, 4, 0x300, 0x2000, 0);
 	run_async(&v);
 	if (dev_expect(sv[1], 1, 0, 2, UD, NULL)) dev_resp(sv[1], 0, 0);
@@ -804,8 +803,7 @@ static void t_enospc_efault(void)
 static void t_lifetime(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x1000, UD, sv[0], sv[0], 0), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x1000, 0);
 	close(sv[0]);
 	set_regs(&v, g_rd4, 0, 0x30, 0, 0, 0, 0);
 	run_async(&v);
@@ -886,8 +884,7 @@ static void t_multi_vcpu(void)
 static void t_pending_clear(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x1000, UD, sv[0], sv[0], 0), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x1000, 0);
 	/* make PENDING set via a signal, complete, then check an ordinary exit */
 	set_regs(&v, g_wr4rd4, 0x42, 0x10, 0, 0, 0, 0);
 	run_async(&v);
@@ -917,8 +914,7 @@ static void t_dirty_regs(void)
 {
 	if (!(ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS)) { NOTE("no SYNC_REGS"); return; }
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x1000, UD, sv[0], sv[0], 0), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x1000, 0);
 	set_regs(&v, g_rd4, 0, 0x10, 0, 0, 0, 0);
 	v.run->kvm_valid_regs = KVM_SYNC_X86_REGS;
 	run_async(&v);
@@ -990,8 +986,7 @@ static void t_stats(void)
 static void t_shutdown(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE, 0x1000, UD, sv[0], sv[0], 0), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE, 0x1000, 0);
 	set_regs(&v, g_rd4, 0, 0x10, 0, 0, 0, 0);
 	run_async(&v);
 	dev_expect(sv[1], 0, 0x10, 4, UD, NULL);
@@ -1009,8 +1004,7 @@ static void t_shutdown(void)
 static void t_zero_size_fail(void)
 {
 	struct vm vm; struct vcpu v; int sv[2];
-	vm_init(&vm); vcpu_init(&vm, &v, 0); mkpair(sv);
-	CHECK(!set_ioregion(vm.fd, MMIO_BASE + 0x10, 0, UD, sv[0], sv[0], KVM_IOREGION_POSTED_WRITES), "SET %d", errno);
+	one_region(&vm, &v, sv, MMIO_BASE + 0x10, 0, KVM_IOREGION_POSTED_WRITES);
 	close(sv[1]);
 	set_regs(&v, g_wr2, 0x1234, 0x10, 0, 0, 0, 0);
 	run(&v);
