@@ -519,6 +519,13 @@ static __always_inline struct thread_state *thread_new(u32 tid)
 					BPF_LOCAL_STORAGE_GET_F_CREATE);
 }
 
+/* For programs that find a thread's state without thread(): has the
+ * session ended, though this thread may not have seen it yet? */
+static __always_inline int session_closed(struct thread_state *s)
+{
+	return s->closed || cfg(CFG_PHASE) == PHASE_CLOSED;
+}
+
 /* The current thread's state, created on its first event; 0 once the
  * session has ended (CFG_PHASE). */
 static __always_inline struct thread_state *thread(void)
@@ -1436,7 +1443,7 @@ RAW_TRACEPOINT_PROBE(kvm_entry)
 	if (!s || !s->hx_ts)
 		return 0;
 	/* its kvm_exit may have come before the end and this entry after */
-	if (s->closed || cfg(CFG_PHASE) == PHASE_CLOSED)
+	if (session_closed(s))
 		return 0;
 	u64 ns = bpf_ktime_get_ns() - s->hx_ts;
 	s->hx_ts = 0;
@@ -1827,7 +1834,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u32 tid = id, tgid = id >> 32;
 	struct thread_state *s = thread_find(tid);
 	/* Once the session has ended the agent reads the slot as it is. */
-	if (s && !s->closed && cfg(CFG_PHASE) != PHASE_CLOSED) {
+	if (s && !session_closed(s)) {
 		flush_batches(s);
 		flush_exits(s);
 		/* A slot is free for the next thread (task storage, whose tid

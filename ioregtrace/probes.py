@@ -517,7 +517,7 @@ class Tracer:
             if t.run_count:
                 key = self._vm_key(t.run_key, snap.vms)
                 snap.accesses[key] = snap.accesses.get(key, 0) + t.run_count
-            if t.pending and not t.pend_late:
+            if _unsettled(t):
                 if t.pend_key.space == keys.Space.MMIO and t.pend_key.op == keys.Op.READ:
                     # READ_UNSATISFIED: no in-kernel handler; its exit (or
                     # ioregionfd command) did not come in SETTLE_WAIT_S.
